@@ -1,0 +1,243 @@
+"""The ``farm`` command. Every error is one clear line on stderr and a non-zero exit, not a traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+import pydantic
+
+from farm.errors import FarmError
+from farm.settings import Settings
+
+EXIT_FAILED = 1  # the work ran and did not (all) succeed
+EXIT_ERROR = 2  # the command could not do what was asked
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise click.ClickException(f"bad setting FARM_{where.upper()}: {first['msg']}") from None
+
+
+def handles_errors(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except FarmError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_ERROR)
+
+    return wrapper
+
+
+def _farm():
+    from farm.client import Farm
+
+    return Farm(_settings())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """farm: a render farm for Stable Diffusion v1.x.
+
+    With no FARM_* settings everything is embedded in one local data folder (SQLite, a filesystem
+    broker, file storage): `farm worker --cpu` in one shell, `farm submit` in another.
+    """
+
+
+@main.command()
+@click.option("--prompt", help="What to draw.")
+@click.option("--negative-prompt", default="", help="What not to draw.")
+@click.option("--num-images", type=int, default=None, help="Images to render (seeds seed, seed+1, …).")
+@click.option("--seed", type=int, default=None, help="First seed; drawn at random and recorded if omitted.")
+@click.option("--steps", type=int, default=25, show_default=True)
+@click.option("--guidance-scale", type=float, default=7.5, show_default=True)
+@click.option("--width", type=int, default=512, show_default=True)
+@click.option("--height", type=int, default=512, show_default=True)
+@click.option("--scheduler", default=None, help="ddim, pndm, euler, euler_a, heun, lms, dpmpp_2m, dpmpp_2m_karras, unipc.")
+@click.option("--model", default=None, help="A name from FARM_MODELS (default FARM_DEFAULT_MODEL).")
+@click.option("--file", "file_", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A JSONL file: one request object per line (the same fields, snake_case).")
+@click.option("--label", default=None, help="A label to find the submission by.")
+@handles_errors
+def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, width, height, scheduler, model, file_, label):
+    """Validate and queue a request; print the submission id."""
+    if file_ is not None:
+        if prompt is not None:
+            raise click.UsageError("give --prompt or --file, not both")
+        requests = list(_read_jsonl(file_))
+    elif prompt is None:
+        raise click.UsageError("give --prompt TEXT or --file requests.jsonl")
+    else:
+        requests = [
+            {
+                "prompt": prompt,
+                "negative_prompt": negative_prompt,
+                "num_images": num_images,
+                "seed": seed,
+                "steps": steps,
+                "guidance_scale": guidance_scale,
+                "width": width,
+                "height": height,
+                "scheduler": scheduler,
+                "model": model,
+            }
+        ]
+    with _farm() as farm:
+        job = farm.submit_many(requests, label=label)
+        click.echo(job.id)
+
+
+def _read_jsonl(path: Path):
+    from farm.errors import ValidationError
+
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValidationError(f"{path.name} line {number}", line.strip()[:60], f"is not valid JSON ({exc.msg})") from None
+
+
+@main.command()
+@click.argument("submission_id", required=False)
+@handles_errors
+def status(submission_id):
+    """Counts by state of a submission (or of the latest ten)."""
+    with _farm() as farm:
+        jobs = [farm.submission(submission_id)] if submission_id else farm.latest()
+        for job in jobs:
+            click.echo(str(job.status()))
+
+
+@main.command()
+@click.argument("submission_id")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit 2).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@handles_errors
+def wait(submission_id, timeout, progress):
+    """Wait until every image finished; exit 0 only when every image succeeded."""
+    with _farm() as farm:
+        final = farm.submission(submission_id).wait(timeout=timeout, progress=progress)
+    click.echo(str(final))
+    sys.exit(0 if final.succeeded else EXIT_FAILED)
+
+
+@main.command()
+@click.argument("submission_id")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@handles_errors
+def download(submission_id, directory):
+    """Write the submission's finished PNGs and a metadata.jsonl to DIRECTORY."""
+    with _farm() as farm:
+        paths = farm.submission(submission_id).download(directory)
+    click.echo(f"{len(paths)} image(s) in {directory}")
+
+
+@main.command()
+@click.argument("submission_id")
+@handles_errors
+def cancel(submission_id):
+    """Cancel every image not finished yet."""
+    with _farm() as farm:
+        count = farm.submission(submission_id).cancel()
+    click.echo(f"canceled {count} image(s)")
+
+
+@main.command()
+@click.argument("submission_id")
+@handles_errors
+def requeue(submission_id):
+    """Publish a submission's queued work again (after a broker outage); duplicates are harmless."""
+    with _farm() as farm:
+        count = farm.submission(submission_id).requeue()
+    click.echo(f"published {count} task(s)")
+
+
+@main.command()
+@click.option("--model", default=None, help="A name from FARM_MODELS (default FARM_DEFAULT_MODEL).")
+@click.option("--gpus", default="all", show_default=True, help="'all' or GPU indices, e.g. 0,1: one process each.")
+@click.option("--cpu", is_flag=True, help="Render on the CPU (fp32) instead of GPUs.")
+@click.option("--name", default=None, help="Node name (default gpu<N>@host, or cpu@host).")
+@click.option("--processes", type=int, default=1, show_default=True, help="With --cpu: how many worker processes.")
+@click.option("--loglevel", default="INFO", show_default=True)
+@handles_errors
+def worker(model, gpus, cpu, name, processes, loglevel):
+    """Start one worker process per GPU for one model."""
+    import logging
+
+    from workers import launcher
+
+    logging.basicConfig(level=loglevel, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
+    settings = _settings()
+    model = model or settings.default_model
+    slots = launcher.plan_slots(gpus, cpu=cpu, name=name, count=processes)
+    sys.exit(launcher.run(settings, model=model, slots=slots, loglevel=loglevel))
+
+
+@main.group()
+def db() -> None:
+    """Database schema (Alembic)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@handles_errors
+def db_upgrade(revision):
+    """Apply migrations to FARM_DATABASE_URL."""
+    from farm import db as farm_db
+
+    settings = _settings()
+    engine = farm_db.make_engine(settings.database)
+    farm_db.upgrade(engine, revision)
+    click.echo(f"database at revision {farm_db.current_revision(engine)}")
+
+
+@main.group()
+def model() -> None:
+    """Models: build the tiny test model."""
+
+
+@model.command("make-tiny")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+@handles_errors
+def make_tiny(directory, seed):
+    """Write a tiny random SD-architecture pipeline (diffusers format, safetensors) to DIRECTORY."""
+    from workers.tiny import make_tiny as build
+
+    click.echo(str(build(directory, seed=seed)))
+
+
+@main.command()
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda for the first GPU.")
+@handles_errors
+def demo(out, device):
+    """Render a demo batch end to end (a real worker process) and write it to OUT."""
+    from farm.demo import run_demo
+
+    click.echo(str(run_demo(_settings(), out, device=device)))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def flower(ctx):
+    """Start Flower on the farm's broker (extra options go to Flower, e.g. --port=5555)."""
+    from farm.celery_app import make_celery
+
+    make_celery(_settings()).start(["flower", *ctx.args])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Scheduler names users may ask for, and what each one is in diffusers and in A1111's vocabulary.
+
+Plain data, so the submitter can validate names without importing diffusers; the worker turns a
+name into a scheduler with ``workers.schedulers.make_scheduler``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SchedulerInfo:
+    name: str
+    diffusers_class: str
+    a1111_name: str
+    options: dict = field(default_factory=dict)
+
+
+SCHEDULERS: dict[str, SchedulerInfo] = {
+    info.name: info
+    for info in [
+        SchedulerInfo("ddim", "DDIMScheduler", "DDIM"),
+        SchedulerInfo("pndm", "PNDMScheduler", "PLMS"),
+        SchedulerInfo("euler", "EulerDiscreteScheduler", "Euler"),
+        SchedulerInfo("euler_a", "EulerAncestralDiscreteScheduler", "Euler a"),
+        SchedulerInfo("heun", "HeunDiscreteScheduler", "Heun"),
+        SchedulerInfo("lms", "LMSDiscreteScheduler", "LMS"),
+        SchedulerInfo("dpmpp_2m", "DPMSolverMultistepScheduler", "DPM++ 2M"),
+        SchedulerInfo(
+            "dpmpp_2m_karras",
+            "DPMSolverMultistepScheduler",
+            "DPM++ 2M Karras",
+            {"use_karras_sigmas": True},
+        ),
+        SchedulerInfo("unipc", "UniPCMultistepScheduler", "UniPC"),
+    ]
+}
+
+SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)

@@ -1,0 +1,140 @@
+"""One typed Settings object, built at an entrypoint and passed down.
+
+Every value can come from a ``FARM_*`` environment variable (or a ``.env`` file); nothing else in
+the code reads the environment. boto3 still reads its own variables (``AWS_ACCESS_KEY_ID``,
+``AWS_ENDPOINT_URL_S3``…), as it does everywhere.
+
+With no ``FARM_*`` variable set, everything is embedded under one local data folder: SQLite, a
+filesystem broker and ``file://`` storage, so ``farm worker --cpu`` in one shell and ``farm submit``
+in another work together with no server.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: The model every command uses unless told otherwise: a tiny random SD-architecture pipeline,
+#: built on first use into ``<data_dir>/models/tiny``.
+BUILTIN_TINY = "builtin:tiny"
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "farm"
+
+
+class Limits(BaseSettings):
+    """Bounds a request is checked against at submit (``FARM_LIMITS__MAX_STEPS=…``)."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    min_size: int = 64
+    max_size: int = 2048
+    max_pixels: int = 1024 * 1024 * 2
+    min_steps: int = 1
+    max_steps: int = 150
+    min_guidance_scale: float = 0.0
+    max_guidance_scale: float = 30.0
+    max_num_images: int = 256
+    max_prompt_chars: int = 4000
+    max_requests_per_submission: int = 100_000
+
+
+class Settings(BaseSettings):
+    """Everything the farm needs to know, read from ``FARM_*`` variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FARM_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    #: Local folder for the embedded defaults (SQLite file, broker folder, images, built models).
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    #: SQLAlchemy URL. Default: ``sqlite:///<data_dir>/farm.db``. Production: ``postgresql+psycopg://…``.
+    database_url: str | None = None
+    #: Celery broker. Default: kombu's filesystem transport under ``<data_dir>/broker``.
+    broker_url: str | None = None
+    #: Where PNGs go: ``s3://bucket/prefix`` or ``file:///dir``. Default: ``file://<data_dir>/images``.
+    storage_url: str | None = None
+    #: ``name=location`` pairs, comma separated: a diffusers folder, a hub id, or ``builtin:tiny``.
+    models: Annotated[dict[str, str], NoDecode] = Field(default_factory=lambda: {"tiny": BUILTIN_TINY})
+    default_model: str = "tiny"
+    #: Images that share model, size, steps, scheduler and guidance go to a GPU in batches of at most this.
+    max_batch_size: int = Field(default=8, ge=1, le=256)
+    #: Default scheduler when a request names none.
+    default_scheduler: str = "dpmpp_2m"
+    #: Prefix of the per-model Celery queues (``<prefix>.<model>``).
+    queue_prefix: str = "farm"
+
+    # -- delivery -------------------------------------------------------------------------------
+    #: Redis visibility timeout: keep it well above the longest task.
+    visibility_timeout: int = Field(default=6 * 3600, ge=60)
+    #: A worker's claim on its images expires this long after its last heartbeat; then another
+    #: delivery of the same task may take them over (a worker that died mid-render).
+    claim_lease_seconds: float = Field(default=60.0, gt=0)
+    #: Hard time limit of one render task, in seconds (enforced by the prefork pool).
+    task_time_limit: int = Field(default=3 * 3600, ge=10)
+    #: Infrastructure failures (database, storage) retried this many times before images fail.
+    max_retries: int = Field(default=5, ge=0)
+
+    # -- storage --------------------------------------------------------------------------------
+    #: S3 endpoint for MinIO/R2/moto; boto3 also honours ``AWS_ENDPOINT_URL_S3``.
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    s3_max_attempts: int = Field(default=5, ge=1)
+
+    limits: Limits = Field(default_factory=Limits)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs: dict[str, str] = {}
+            for item in filter(None, (part.strip() for part in value.split(","))):
+                name, sep, location = item.partition("=")
+                if not sep or not name.strip() or not location.strip():
+                    raise ValueError(
+                        f"FARM_MODELS item {item!r} is not name=location "
+                        "(e.g. 'tiny=builtin:tiny,sd15=/models/sd15')"
+                    )
+                pairs[name.strip()] = location.strip()
+            return pairs
+        return value
+
+    @model_validator(mode="after")
+    def _check_default_model(self) -> "Settings":
+        if self.default_model not in self.models:
+            raise ValueError(
+                f"FARM_DEFAULT_MODEL={self.default_model!r} is not one of FARM_MODELS "
+                f"({', '.join(sorted(self.models))})"
+            )
+        return self
+
+    # -- derived values -------------------------------------------------------------------------
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'farm.db'}"
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def storage(self) -> str:
+        return self.storage_url or (self.data_dir / "images").resolve().as_uri()
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    def queue_for(self, model: str) -> str:
+        return f"{self.queue_prefix}.{model}"

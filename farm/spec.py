@@ -1,0 +1,203 @@
+"""The generation request: one spec, checked at the boundary before anything is written or queued.
+
+``GenerationRequest`` is what a user asks for; :func:`check_request` validates it against the
+settings' :class:`~farm.settings.Limits` and expands it into one :class:`ImageSpec` per image, each
+with its own seed (a missing seed is drawn once, here, and recorded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from farm.errors import ValidationError
+from farm.schedulers import SCHEDULER_NAMES
+from farm.settings import Settings
+
+#: Seeds are 32-bit unsigned, as in A1111, so every seed the farm records can be typed back there.
+MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class GenerationRequest:
+    """What a user asks for. ``None`` means "the farm's default" (see ``check_request``)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    num_images: int | None = None
+    seed: int | None = None
+    seeds: list[int] | None = None
+    steps: int = 25
+    guidance_scale: float = 7.5
+    width: int = 512
+    height: int = 512
+    scheduler: str | None = None
+    model: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, index: int | None = None) -> "GenerationRequest":
+        if not isinstance(data, Mapping):
+            raise ValidationError("request", data, "must be an object of request fields", index=index)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValidationError(
+                unknown[0], data[unknown[0]], f"unknown field; valid fields: {', '.join(sorted(known))}", index=index
+            )
+        if "prompt" not in data:
+            raise ValidationError("prompt", None, "is required", index=index)
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image to render: every parameter resolved, the seed fixed."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    scheduler: str
+    model: str
+    request_index: int = 0
+
+    @property
+    def batch_key(self) -> tuple:
+        """Images with equal keys can share one GPU batch (and one task)."""
+        return (self.model, self.width, self.height, self.steps, self.scheduler, self.guidance_scale)
+
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CheckedRequest:
+    request: GenerationRequest
+    images: list[ImageSpec] = field(default_factory=list)
+
+
+def _int(name: str, value: Any, lo: int, hi: int, index: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(name, value, f"must be an integer between {lo} and {hi}", index=index)
+    if not lo <= value <= hi:
+        raise ValidationError(name, value, f"must be between {lo} and {hi}", index=index)
+    return value
+
+
+def _text(name: str, value: Any, max_chars: int, index: int | None) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(name, value, "must be a string", index=index)
+    if len(value) > max_chars:
+        raise ValidationError(
+            name, value[:40] + "…", f"is {len(value)} characters; at most {max_chars} are allowed", index=index
+        )
+    if "\x00" in value:
+        raise ValidationError(name, value[:40], "must not contain NUL characters", index=index)
+    return value
+
+
+def _size(name: str, value: Any, settings: Settings, index: int | None) -> int:
+    lo, hi = settings.limits.min_size, settings.limits.max_size
+    value = _int(name, value, lo, hi, index)
+    if value % 8:
+        raise ValidationError(
+            name, value, f"must be a multiple of 8 (e.g. {value - value % 8} or {value - value % 8 + 8})", index=index
+        )
+    return value
+
+
+def check_request(
+    request: GenerationRequest | Mapping[str, Any], settings: Settings, *, index: int | None = None
+) -> CheckedRequest:
+    """Validate ``request`` against ``settings`` and expand it into one ImageSpec per image.
+
+    Raises :class:`~farm.errors.ValidationError` naming the field, the value and the limit.
+    """
+    if not isinstance(request, GenerationRequest):
+        request = GenerationRequest.from_dict(request, index=index)
+    limits = settings.limits
+
+    prompt = _text("prompt", request.prompt, limits.max_prompt_chars, index)
+    negative = _text("negative_prompt", request.negative_prompt or "", limits.max_prompt_chars, index)
+    steps = _int("steps", request.steps, limits.min_steps, limits.max_steps, index)
+
+    guidance = request.guidance_scale
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise ValidationError("guidance_scale", guidance, "must be a finite number", index=index)
+    if not limits.min_guidance_scale <= guidance <= limits.max_guidance_scale:
+        raise ValidationError(
+            "guidance_scale",
+            guidance,
+            f"must be between {limits.min_guidance_scale} and {limits.max_guidance_scale}",
+            index=index,
+        )
+
+    width = _size("width", request.width, settings, index)
+    height = _size("height", request.height, settings, index)
+    if width * height > limits.max_pixels:
+        raise ValidationError(
+            "width×height", f"{width}×{height}", f"must be at most {limits.max_pixels} pixels", index=index
+        )
+
+    scheduler = request.scheduler or settings.default_scheduler
+    if scheduler not in SCHEDULER_NAMES:
+        raise ValidationError(
+            "scheduler", scheduler, f"unknown scheduler; valid names: {', '.join(SCHEDULER_NAMES)}", index=index
+        )
+    model = request.model or settings.default_model
+    if model not in settings.models:
+        raise ValidationError(
+            "model", model, f"unknown model; valid names: {', '.join(sorted(settings.models))}", index=index
+        )
+
+    seeds = _seeds(request, limits.max_num_images, index)
+    images = [
+        ImageSpec(
+            prompt=prompt,
+            negative_prompt=negative,
+            seed=seed,
+            steps=steps,
+            guidance_scale=float(guidance),
+            width=width,
+            height=height,
+            scheduler=scheduler,
+            model=model,
+            request_index=index or 0,
+        )
+        for seed in seeds
+    ]
+    return CheckedRequest(request=request, images=images)
+
+
+def _seeds(request: GenerationRequest, max_images: int, index: int | None) -> list[int]:
+    """Per-image seeds: the explicit list, or ``seed, seed+1, …`` (drawn once here when missing)."""
+    if request.seeds is not None:
+        if not isinstance(request.seeds, (list, tuple)) or not request.seeds:
+            raise ValidationError("seeds", request.seeds, "must be a non-empty list of integers", index=index)
+        if request.seed is not None:
+            raise ValidationError("seed", request.seed, "give either seed or seeds, not both", index=index)
+        if request.num_images is not None and request.num_images != len(request.seeds):
+            raise ValidationError(
+                "num_images",
+                request.num_images,
+                f"must equal the number of seeds given ({len(request.seeds)})",
+                index=index,
+            )
+        _int("num_images", len(request.seeds), 1, max_images, index)
+        return [_int(f"seeds[{i}]", s, 0, MAX_SEED, index) for i, s in enumerate(request.seeds)]
+
+    count = _int("num_images", 1 if request.num_images is None else request.num_images, 1, max_images, index)
+    if request.seed is None:
+        first = secrets.randbelow(MAX_SEED - count + 2)
+    else:
+        first = _int("seed", request.seed, 0, MAX_SEED - count + 1, index)
+    return [first + i for i in range(count)]

@@ -1,0 +1,101 @@
+"""Object keys are built from ids and hashes only; anything else is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+import pytest
+
+from farm.keys import content_key, image_key
+
+SUB = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+IMG = "11111111-2222-3333-4444-555555555555"
+SHA = hashlib.sha256(b"lora").hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("submission_id", "image_id", "expected"),
+    [
+        (SUB, IMG, f"images/{SUB}/{IMG}.png"),
+        ("a", "0", "images/a/0.png"),
+        ("deadbeef", "f" * 64, f"images/deadbeef/{'f' * 64}.png"),
+        (str(uuid.UUID(int=1)), str(uuid.UUID(int=2)), f"images/{uuid.UUID(int=1)}/{uuid.UUID(int=2)}.png"),
+        ("0123456789abcdef0123456789abcdef", IMG, f"images/0123456789abcdef0123456789abcdef/{IMG}.png"),
+    ],
+)
+def test_image_key_good_ids(submission_id: str, image_id: str, expected: str) -> None:
+    assert image_key(submission_id, image_id) == expected
+
+
+BAD_IDS = [
+    pytest.param("../x", id="traversal"),
+    pytest.param("..", id="dotdot"),
+    pytest.param("a/b", id="slash"),
+    pytest.param("a\\b", id="backslash"),
+    pytest.param("/abc", id="absolute"),
+    pytest.param("ABCDEF", id="uppercase"),
+    pytest.param(IMG.replace("1", "A"), id="uppercase-uuid"),
+    pytest.param("", id="empty"),
+    pytest.param(" ", id="space"),
+    pytest.param("ab cd", id="inner-space"),
+    pytest.param("abc\n", id="trailing-newline"),
+    pytest.param("a red cube on a table", id="user-text"),
+    pytest.param("cat.png", id="dot"),
+    pytest.param("-abc", id="leading-dash"),
+    pytest.param("abc-", id="trailing-dash"),
+    pytest.param("g00d", id="not-hex"),
+    pytest.param("a" * 65, id="too-long"),
+    pytest.param("ａｂｃ", id="fullwidth"),
+    pytest.param(123, id="not-a-string"),
+    pytest.param(None, id="none"),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_image_key_rejects_bad_submission_id(bad: object) -> None:
+    with pytest.raises(ValueError, match="submission_id"):
+        image_key(bad, IMG)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_image_key_rejects_bad_image_id(bad: object) -> None:
+    with pytest.raises(ValueError, match="image_id"):
+        image_key(SUB, bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kind", "sha256", "ext", "expected"),
+    [
+        ("loras", SHA, "safetensors", f"loras/{SHA[:2]}/{SHA}.safetensors"),
+        ("inputs", SHA, "png", f"inputs/{SHA[:2]}/{SHA}.png"),
+        ("input_images", "0" * 64, "jpg", f"input_images/00/{'0' * 64}.jpg"),
+    ],
+)
+def test_content_key_good(kind: str, sha256: str, ext: str, expected: str) -> None:
+    assert content_key(kind, sha256, ext) == expected
+
+
+@pytest.mark.parametrize(
+    ("kind", "sha256", "ext", "field"),
+    [
+        ("Loras", SHA, "png", "kind"),
+        ("../loras", SHA, "png", "kind"),
+        ("lo ras", SHA, "png", "kind"),
+        ("", SHA, "png", "kind"),
+        ("loras/x", SHA, "png", "kind"),
+        ("loras", SHA.upper(), "png", "sha256"),
+        ("loras", SHA[:63], "png", "sha256"),
+        ("loras", SHA + "0", "png", "sha256"),
+        ("loras", "../" + SHA[3:], "png", "sha256"),
+        ("loras", "g" * 64, "png", "sha256"),
+        ("loras", SHA, ".png", "ext"),
+        ("loras", SHA, "PNG", "ext"),
+        ("loras", SHA, "png/../x", "ext"),
+        ("loras", SHA, "", "ext"),
+        ("loras", SHA, "tar.gz", "ext"),
+    ],
+)
+def test_content_key_bad(kind: str, sha256: str, ext: str, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        content_key(kind, sha256, ext)

@@ -1,0 +1,62 @@
+"""One worker process: one model, one device. Started by ``farm worker`` (``workers.launcher``).
+
+    python -m workers.main --model tiny --device cuda --name gpu0@host
+
+The launcher sets ``CUDA_VISIBLE_DEVICES`` in this process's environment before it starts, so the
+process sees exactly one GPU as ``cuda``. Torch and diffusers are imported here, in the pool's
+parent, before the fork, but CUDA is first touched in the pool process (``worker_process_init``),
+never before the fork.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from celery.signals import worker_process_init
+
+from farm.celery_app import make_celery
+from farm.settings import Settings
+from workers.tasks import WorkerContext, register
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m workers.main")
+    parser.add_argument("--model", required=True, help="a name from FARM_MODELS")
+    parser.add_argument("--device", default="cuda", help="'cuda' (the one GPU this process sees) or 'cpu'")
+    parser.add_argument("--name", required=True, help="Celery node name, e.g. gpu0@host")
+    parser.add_argument("--loglevel", default="INFO")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = Settings()
+    logging.basicConfig(level=args.loglevel, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
+    context = WorkerContext(settings=settings, model_name=args.model, device=args.device)
+    app = make_celery(settings)
+    register(app, context)
+
+    import workers.render  # noqa: F401  - torch + diffusers imported once, before the pool forks
+
+    @worker_process_init.connect(weak=False)
+    def _load_model(**_kwargs) -> None:
+        context.after_fork()
+
+    options = [
+        "worker",
+        "--pool=prefork",
+        "--concurrency=1",
+        f"--queues={settings.queue_for(args.model)}",
+        f"--hostname={args.name}",
+        f"--loglevel={args.loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if app.conf.worker_send_task_events:
+        options.append("--task-events")
+    app.worker_main(options)
+
+
+if __name__ == "__main__":
+    main()

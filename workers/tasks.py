@@ -1,0 +1,229 @@
+"""The render task: claim → render → upload → record, for one batch of images.
+
+Read top to bottom, it is the whole life of a task on a worker. Delivery may repeat (late acks,
+requeue on a lost worker, visibility timeouts), so every write goes through ``farm.claims``: each
+image is rendered and recorded once however often its message arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery, Task
+from sqlalchemy.exc import OperationalError
+
+from farm import claims
+from farm.celery_app import RENDER_TASK
+from farm.errors import ModelLoadError, RenderError, StorageError
+from farm.keys import image_key
+from farm.pnginfo import a1111_parameters, encode_png
+from farm.records import ImageRecord
+from farm.settings import Settings
+from farm.spec import ImageSpec
+
+log = logging.getLogger("farm.worker")
+
+#: Claims of an image before it is failed for good: each time its worker vanished mid-render.
+MAX_ATTEMPTS = 3
+#: Seconds between progress events a task sends (Flower shows the PROGRESS state).
+PROGRESS_EVERY = 0.25
+
+
+@dataclass
+class WorkerContext:
+    """What one worker process holds: its settings, its model (loaded once) and its connections."""
+
+    settings: Settings
+    model_name: str
+    device: str
+    _sessions: Any = None
+    _storage: Any = None
+    _model: Any = None
+    _scheduler_config: dict = field(default_factory=dict)
+
+    @property
+    def sessions(self):
+        if self._sessions is None:
+            from farm import db
+
+            self._sessions = db.make_sessionmaker(db.make_engine(self.settings.database))
+        return self._sessions
+
+    @property
+    def storage(self):
+        if self._storage is None:
+            from farm.storage import open_storage
+
+            self._storage = open_storage(self.settings)
+        return self._storage
+
+    @property
+    def model(self):
+        if self._model is None:
+            from workers.pipeline import load_pipeline
+
+            location = self.settings.models[self.model_name]
+            started = time.perf_counter()
+            self._model = load_pipeline(
+                self.model_name, location, models_dir=self.settings.models_dir, device=self.device
+            )
+            self._scheduler_config = dict(self._model.pipe.scheduler.config)
+            log.info(
+                "loaded model %s from %s on %s in %.1f s",
+                self.model_name,
+                self._model.path,
+                self.device,
+                time.perf_counter() - started,
+            )
+        return self._model
+
+    def after_fork(self) -> None:
+        """In a fresh pool process: drop inherited connections, load the pipeline once."""
+        self._sessions = None
+        self._storage = None
+        try:
+            self.model  # noqa: B018 - load now, not inside the first task
+        except ModelLoadError:
+            # Keep serving: each task then fails its images with this reason instead of the pool
+            # process dying and respawning in a loop.
+            log.exception("model %s could not be loaded", self.model_name)
+
+
+def register(app: Celery, context: WorkerContext) -> Task:
+    @app.task(name=RENDER_TASK, bind=True, max_retries=context.settings.max_retries, acks_late=True)
+    def render(task: Task, image_ids: list[str], model: str) -> dict:
+        return run_render(task, context, image_ids, model)
+
+    return render
+
+
+def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str) -> dict:
+    settings = ctx.settings
+    worker = f"{task.request.hostname or 'worker'}/{os.getpid()}"
+
+    # 1. this worker serves one model; its queue only carries that model's work
+    if model != ctx.model_name:
+        raise RenderError(f"task for model {model!r} reached a worker of {ctx.model_name!r}")
+
+    # 2. claim the images (queued ones, or those of a worker whose lease expired)
+    try:
+        claim = claims.claim(
+            ctx.sessions, image_ids, worker=worker, lease_seconds=settings.claim_lease_seconds, max_attempts=MAX_ATTEMPTS
+        )
+    except OperationalError as exc:
+        raise task.retry(exc=exc, countdown=_backoff(task))
+    if claim.held_elsewhere:
+        # Another delivery of this task is rendering them (or died doing so): look again when its
+        # lease ends. A finished image is then simply skipped.
+        task.apply_async(
+            kwargs={"image_ids": claim.held_elsewhere, "model": model},
+            countdown=claim.wait_seconds + 1,
+            queue=settings.queue_for(model),
+            task_id=task.request.id,
+        )
+    if not claim.images:
+        return {"rendered": 0, "held_elsewhere": len(claim.held_elsewhere)}
+    specs = [ImageSpec(**image.params) for image in claim.images]
+
+    # 3. render, renewing the lease and reporting progress; stop if every image was canceled
+    try:
+        batch = _render(task, ctx, claim, specs)
+    except (RenderError, ModelLoadError, ValueError) as exc:
+        claims.record_failure(ctx.sessions, claim.token, [i.id for i in claim.images], f"{type(exc).__name__}: {exc}")
+        log.warning("batch of %d failed: %s", len(specs), exc)
+        return {"rendered": 0, "failed": len(specs)}
+    except RuntimeError as exc:  # CUDA out of memory, a kernel error…: this batch fails, the worker goes on
+        claims.record_failure(ctx.sessions, claim.token, [i.id for i in claim.images], f"{type(exc).__name__}: {exc}")
+        log.exception("batch of %d failed", len(specs))
+        return {"rendered": 0, "failed": len(specs)}
+    if batch.interrupted:
+        return {"rendered": 0, "canceled": len(specs)}
+
+    # 4. upload each PNG with its parameters, then record it (upload first: a record never points nowhere)
+    recorded = 0
+    seconds_each = batch.seconds / len(specs)
+    try:
+        for image, spec, result in zip(claim.images, specs, batch.images):
+            key = _upload(ctx, image, spec, result)
+            recorded += claims.record_success(
+                ctx.sessions,
+                claim.token,
+                image.id,
+                storage_key=key,
+                gpu_seconds=seconds_each,
+                prompt_tokens=result.prompt_tokens,
+                prompt_truncated=result.prompt_truncated,
+                model_path=str(ctx.model.path),
+                info={"model_hash": ctx.model.hash, "device": ctx.device, "batch_size": len(specs)},
+            )
+    except (StorageError, OperationalError) as exc:
+        # Not the images' fault: give them back and try the task again later.
+        _release_quietly(ctx, claim.token, f"retrying after {type(exc).__name__}: {exc}")
+        raise task.retry(exc=exc, countdown=_backoff(task))
+    return {"rendered": recorded, "seconds": round(batch.seconds, 3)}
+
+
+def _render(task: Task, ctx: WorkerContext, claim: claims.Claim, specs: list[ImageSpec]):
+    from workers.render import render_batch
+
+    settings = ctx.settings
+    last_beat = last_event = time.monotonic()
+    send_events = bool(task.app.conf.worker_send_task_events)
+
+    def on_step(done: int, total: int) -> bool:
+        nonlocal last_beat, last_event
+        now = time.monotonic()
+        if send_events and (now - last_event >= PROGRESS_EVERY or done == total):
+            last_event = now
+            task.send_event("task-progress", step=done, steps=total, images=len(specs))
+        if now - last_beat >= settings.claim_lease_seconds / 4:
+            last_beat = now
+            return claims.heartbeat(ctx.sessions, claim.token, settings.claim_lease_seconds) > 0
+        return True
+
+    return render_batch(ctx.model, specs, base_scheduler_config=ctx._scheduler_config, on_step=on_step)
+
+
+def _upload(ctx: WorkerContext, image: ImageRecord, spec: ImageSpec, result) -> str:
+    model = ctx.model
+    parameters = a1111_parameters(spec.params(), model_name=spec.model, model_hash=model.hash)
+    full_spec = {
+        **spec.params(),
+        "image_id": image.id,
+        "submission_id": image.submission_id,
+        "model_hash": model.hash,
+        "model_path": str(model.path),
+    }
+    data = encode_png(result.image, parameters=parameters, spec=full_spec)
+    key = image_key(image.submission_id, image.id)
+    ctx.storage.put(
+        key,
+        data,
+        content_type="image/png",
+        metadata={
+            "farm-image-id": image.id,
+            "farm-submission-id": image.submission_id,
+            "farm-seed": str(spec.seed),
+            "farm-steps": str(spec.steps),
+            "farm-guidance-scale": str(spec.guidance_scale),
+            "farm-scheduler": spec.scheduler,
+            "farm-size": f"{spec.width}x{spec.height}",
+            "farm-model-hash": model.hash,
+        },
+    )
+    return key
+
+
+def _release_quietly(ctx: WorkerContext, token: str, note: str) -> None:
+    try:
+        claims.release(ctx.sessions, token, note=note)
+    except Exception:  # the database may be what failed; the lease expires on its own
+        log.exception("could not release claim %s", token)
+
+
+def _backoff(task: Task) -> float:
+    return min(60.0, 2.0 ** (task.request.retries + 1))
