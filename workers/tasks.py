@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, Task
@@ -43,7 +43,6 @@ class WorkerContext:
     _sessions: Any = None
     _storage: Any = None
     _model: Any = None
-    _scheduler_config: dict = field(default_factory=dict)
 
     @property
     def sessions(self):
@@ -71,7 +70,6 @@ class WorkerContext:
             self._model = load_pipeline(
                 self.model_name, location, models_dir=self.settings.models_dir, device=self.device
             )
-            self._scheduler_config = dict(self._model.pipe.scheduler.config)
             log.info(
                 "loaded model %s from %s on %s in %.1f s",
                 self.model_name,
@@ -185,7 +183,7 @@ def _render(task: Task, ctx: WorkerContext, claim: claims.Claim, specs: list[Ima
             return claims.heartbeat(ctx.sessions, claim.token, settings.claim_lease_seconds) > 0
         return True
 
-    return render_batch(ctx.model, specs, base_scheduler_config=ctx._scheduler_config, on_step=on_step)
+    return render_batch(ctx.model, specs, base_scheduler_config=ctx.model.scheduler_config, on_step=on_step)
 
 
 def _upload(ctx: WorkerContext, image: ImageRecord, spec: ImageSpec, result) -> str:

@@ -213,6 +213,7 @@ def make_tiny(path: Path, *, seed: int = 0) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
         try:
             _build_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+            tmp.chmod(0o755)  # mkdtemp makes it 0700; other users' workers may share the folder
             os.replace(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
