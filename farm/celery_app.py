@@ -21,7 +21,7 @@ def broker_url(settings: Settings) -> str:
     """``filesystem://`` (the embedded default) is served by farm's safer subclass, ``farmfs://``."""
     url = settings.broker
     if url.startswith("filesystem://"):
-        return "farmfs://"
+        return "farmfs://localhost/"
     return url
 
 

@@ -38,6 +38,12 @@ def main(argv: list[str] | None = None) -> None:
     register(app, context)
 
     import workers.render  # noqa: F401  - torch + diffusers imported once, before the pool forks
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # progress bars inside a worker end up in its log as WARNING lines; Flower shows progress instead
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
     @worker_process_init.connect(weak=False)
     def _load_model(**_kwargs) -> None:

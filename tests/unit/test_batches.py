@@ -1,0 +1,139 @@
+"""plan_batches: images that can share a GPU batch are grouped, in order, in batches of bounded size."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from farm.spec import ImageSpec
+from farm.submissions import plan_batches
+
+
+def _spec(**overrides: Any) -> ImageSpec:
+    fields: dict[str, Any] = {
+        "prompt": "a red cube",
+        "negative_prompt": "",
+        "seed": 1,
+        "steps": 25,
+        "guidance_scale": 7.5,
+        "width": 512,
+        "height": 512,
+        "scheduler": "dpmpp_2m",
+        "model": "tiny",
+    }
+    fields.update(overrides)
+    return ImageSpec(**fields)
+
+
+def _pairs(specs: list[ImageSpec]) -> list[tuple[str, ImageSpec]]:
+    return [(f"img-{i:04d}", spec) for i, spec in enumerate(specs)]
+
+
+def test_same_batch_key_is_one_batch() -> None:
+    # prompt, negative prompt and seed differ per image and still share a GPU batch
+    specs = [_spec(seed=i, prompt=f"prompt {i}", negative_prompt=f"neg {i}") for i in range(5)]
+    pairs = _pairs(specs)
+    (batch,) = plan_batches(pairs, max_batch_size=8)
+    assert batch.image_ids == tuple(image_id for image_id, _ in pairs)
+    assert batch.model == "tiny"
+
+
+@pytest.mark.parametrize(
+    ("count", "max_batch_size", "sizes"),
+    [
+        (20, 8, [8, 8, 4]),
+        (16, 8, [8, 8]),
+        (8, 8, [8]),
+        (9, 8, [8, 1]),
+        (3, 1, [1, 1, 1]),
+        (1, 256, [1]),
+    ],
+)
+def test_chunks_never_exceed_max_batch_size(count: int, max_batch_size: int, sizes: list[int]) -> None:
+    pairs = _pairs([_spec(seed=i) for i in range(count)])
+    batches = plan_batches(pairs, max_batch_size)
+    assert [len(batch.image_ids) for batch in batches] == sizes
+    # chunks are consecutive runs of the submission order
+    assert [image_id for batch in batches for image_id in batch.image_ids] == [image_id for image_id, _ in pairs]
+
+
+@pytest.mark.parametrize(
+    "difference",
+    [
+        pytest.param({"guidance_scale": 8.0}, id="guidance"),
+        pytest.param({"width": 640}, id="width"),
+        pytest.param({"height": 768}, id="height"),
+        pytest.param({"width": 768, "height": 512}, id="transposed-size"),
+        pytest.param({"steps": 30}, id="steps"),
+        pytest.param({"scheduler": "euler_a"}, id="scheduler"),
+        pytest.param({"model": "sd15"}, id="model"),
+    ],
+)
+def test_different_batch_key_never_shares_a_batch(difference: dict[str, Any]) -> None:
+    base = _spec(width=512, height=768) if difference == {"width": 768, "height": 512} else _spec()
+    pairs = _pairs([base, _spec(**{**base.params(), **difference, "seed": 2}), base])
+    batches = plan_batches(pairs, max_batch_size=8)
+    assert len(batches) == 2
+    by_id = dict(pairs)
+    for batch in batches:
+        keys = {by_id[image_id].batch_key for image_id in batch.image_ids}
+        assert len(keys) == 1, f"batch {batch.image_ids} mixes {keys}"
+        assert batch.model == by_id[batch.image_ids[0]].model
+    assert sorted(batch.image_ids for batch in batches) == [("img-0000", "img-0002"), ("img-0001",)]
+
+
+def test_submission_order_is_kept_within_a_batch() -> None:
+    a, b = _spec(), _spec(steps=10)
+    pairs = _pairs([a, b, a, b, b, a, a])
+    batches = plan_batches(pairs, max_batch_size=8)
+    assert [batch.image_ids for batch in batches] == [
+        ("img-0000", "img-0002", "img-0005", "img-0006"),
+        ("img-0001", "img-0003", "img-0004"),
+    ]
+
+
+def test_batch_label_describes_the_work() -> None:
+    (batch,) = plan_batches(_pairs([_spec(width=640, height=384, steps=30, scheduler="ddim", guidance_scale=5.0)] * 3), 8)
+    assert batch.label == "3× 640x384, 30 steps, ddim, cfg 5.0"
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("max_batch_size", [1, 3, 8])
+def test_every_image_in_exactly_one_batch(seed: int, max_batch_size: int) -> None:
+    rng = random.Random(seed)
+    specs = [
+        _spec(
+            seed=i,
+            model=rng.choice(["tiny", "sd15"]),
+            width=rng.choice([512, 768]),
+            steps=rng.choice([20, 25]),
+            scheduler=rng.choice(["ddim", "euler"]),
+            guidance_scale=rng.choice([5.0, 7.5]),
+        )
+        for i in range(rng.randint(1, 120))
+    ]
+    pairs = _pairs(specs)
+    batches = plan_batches(pairs, max_batch_size)
+
+    placed = Counter(image_id for batch in batches for image_id in batch.image_ids)
+    assert set(placed) == {image_id for image_id, _ in pairs}
+    assert set(placed.values()) == {1}
+    assert len({batch.task_id for batch in batches}) == len(batches), "task ids must be unique"
+
+    by_id = dict(pairs)
+    position = {image_id: i for i, (image_id, _) in enumerate(pairs)}
+    for batch in batches:
+        assert 1 <= len(batch.image_ids) <= max_batch_size
+        assert len({by_id[image_id].batch_key for image_id in batch.image_ids}) == 1
+        assert batch.model == by_id[batch.image_ids[0]].model
+        assert [position[i] for i in batch.image_ids] == sorted(position[i] for i in batch.image_ids)
+    # only the last chunk of a key may be partial: no more batches than needed
+    per_key = Counter(spec.batch_key for spec in specs)
+    assert len(batches) == sum(-(-n // max_batch_size) for n in per_key.values())
+
+
+def test_no_images_no_batches() -> None:
+    assert plan_batches([], 8) == []
