@@ -138,6 +138,8 @@ def release(sessions: sessionmaker[Session], token: str, *, note: str | None = N
                 status=QUEUED,
                 claim_token=None,
                 lease_expires_at=None,
+                worker=None,
+                started_at=None,
                 attempts=ImageRecord.attempts - 1,
                 error=note,
             )

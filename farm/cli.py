@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import pydantic
 
-from farm.errors import FarmError
+from farm.errors import FarmError, ValidationError
 from farm.settings import Settings
 
 EXIT_FAILED = 1  # the work ran and did not (all) succeed
@@ -22,8 +22,8 @@ def _settings() -> Settings:
         return Settings()
     except pydantic.ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise click.ClickException(f"bad setting FARM_{where.upper()}: {first['msg']}") from None
+        variable = "FARM_" + "__".join(str(p) for p in first["loc"]).upper()
+        raise click.ClickException(f"bad setting {variable}: {first['msg']}") from None
 
 
 def handles_errors(func):
@@ -73,7 +73,9 @@ def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, wid
     if file_ is not None:
         if prompt is not None:
             raise click.UsageError("give --prompt or --file, not both")
-        requests = list(_read_jsonl(file_))
+        numbered = list(_read_jsonl(file_))
+        lines = [number for number, _ in numbered]
+        requests = [request for _, request in numbered]
     elif prompt is None:
         raise click.UsageError("give --prompt TEXT or --file requests.jsonl")
     else:
@@ -91,20 +93,25 @@ def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, wid
                 "model": model,
             }
         ]
+        lines = ()
     with _farm() as farm:
-        job = farm.submit_many(requests, label=label)
+        try:
+            job = farm.submit_many(requests, label=label)
+        except ValidationError as exc:
+            if lines and exc.index is not None:
+                raise exc.at(f"{file_.name} line {lines[exc.index]}") from None
+            raise
         click.echo(job.id)
 
 
 def _read_jsonl(path: Path):
-    from farm.errors import ValidationError
-
+    """``(line number, request)`` for each non-empty line."""
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValidationError(f"{path.name} line {number}", line.strip()[:60], f"is not valid JSON ({exc.msg})") from None
 

@@ -17,13 +17,19 @@ class ValidationError(FarmError):
     ``field`` names the offending field, ``value`` what was given and ``limit`` what is allowed.
     """
 
-    def __init__(self, field: str, value: object, limit: str, *, index: int | None = None):
+    def __init__(self, field: str, value: object, limit: str, *, index: int | None = None, where: str | None = None):
         self.field = field
         self.value = value
         self.limit = limit
         self.index = index
-        where = f"request {index}: " if index is not None else ""
-        super().__init__(f"{where}{field}={value!r} is invalid: {limit}")
+        if where is None and index is not None:
+            where = f"request {index}"
+        prefix = f"{where}: " if where else ""
+        super().__init__(f"{prefix}{field}={value!r} is invalid: {limit}")
+
+    def at(self, where: str) -> "ValidationError":
+        """The same error, located differently (e.g. ``requests.jsonl line 3``)."""
+        return ValidationError(self.field, self.value, self.limit, index=self.index, where=where)
 
 
 class NotFound(FarmError):

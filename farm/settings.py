@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: The model every command uses unless told otherwise: a tiny random SD-architecture pipeline,
@@ -28,10 +28,10 @@ def _default_data_dir() -> Path:
     return Path(base) / "farm"
 
 
-class Limits(BaseSettings):
+class Limits(BaseModel):
     """Bounds a request is checked against at submit (``FARM_LIMITS__MAX_STEPS=…``)."""
 
-    model_config = SettingsConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid")
 
     min_size: int = 64
     max_size: int = 2048
@@ -106,14 +106,13 @@ class Settings(BaseSettings):
             return pairs
         return value
 
-    @model_validator(mode="after")
-    def _check_default_model(self) -> "Settings":
-        if self.default_model not in self.models:
-            raise ValueError(
-                f"FARM_DEFAULT_MODEL={self.default_model!r} is not one of FARM_MODELS "
-                f"({', '.join(sorted(self.models))})"
-            )
-        return self
+    @field_validator("default_model")
+    @classmethod
+    def _check_default_model(cls, value: str, info: ValidationInfo) -> str:
+        models = info.data.get("models") or {}
+        if value not in models:
+            raise ValueError(f"FARM_DEFAULT_MODEL={value!r} is not one of FARM_MODELS ({', '.join(sorted(models))})")
+        return value
 
     # -- derived values -------------------------------------------------------------------------
     @property

@@ -149,12 +149,12 @@ def check_request(
         )
 
     scheduler = request.scheduler or settings.default_scheduler
-    if scheduler not in SCHEDULER_NAMES:
+    if not isinstance(scheduler, str) or scheduler not in SCHEDULER_NAMES:
         raise ValidationError(
             "scheduler", scheduler, f"unknown scheduler; valid names: {', '.join(SCHEDULER_NAMES)}", index=index
         )
     model = request.model or settings.default_model
-    if model not in settings.models:
+    if not isinstance(model, str) or model not in settings.models:
         raise ValidationError(
             "model", model, f"unknown model; valid names: {', '.join(sorted(settings.models))}", index=index
         )
@@ -199,5 +199,13 @@ def _seeds(request: GenerationRequest, max_images: int, index: int | None) -> li
     if request.seed is None:
         first = secrets.randbelow(MAX_SEED - count + 2)
     else:
-        first = _int("seed", request.seed, 0, MAX_SEED - count + 1, index)
+        first = _int("seed", request.seed, 0, MAX_SEED, index)
+        if first + count - 1 > MAX_SEED:
+            raise ValidationError(
+                "seed",
+                first,
+                f"with num_images={count} it can be at most {MAX_SEED - count + 1} "
+                f"(the last image's seed would be {first + count - 1}; seeds go up to {MAX_SEED})",
+                index=index,
+            )
     return [first + i for i in range(count)]

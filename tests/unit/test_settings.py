@@ -139,19 +139,19 @@ def test_bad_limit_value_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         Settings(data_dir=tmp_path)
 
 
-@pytest.mark.xfail(
-    reason="farm/settings.py: Limits is a BaseSettings with no env_prefix, and Settings.limits uses "
-    "default_factory=Limits, so Limits() reads UNPREFIXED variables (MAX_STEPS, MIN_SIZE, MAX_PIXELS…) "
-    "from the environment when no FARM_LIMITS__* is set; contradicts 'every value comes from a FARM_* "
-    "variable'. Setting MAX_STEPS=5 makes every default 25-step request fail validation.",
-    strict=True,
-)
-def test_unprefixed_variables_do_not_change_limits(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize("with_farm_limit", [False, True], ids=["defaults", "with-FARM_LIMITS__MAX_PIXELS"])
+def test_unprefixed_variables_do_not_change_limits(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, with_farm_limit: bool
+) -> None:
+    """Only FARM_* variables configure the farm: an unrelated MAX_STEPS in the shell changes nothing."""
     monkeypatch.setenv("MAX_STEPS", "5")
     monkeypatch.setenv("MIN_SIZE", "1024")
+    if with_farm_limit:
+        monkeypatch.setenv("FARM_LIMITS__MAX_PIXELS", "1000000")
     settings = Settings(data_dir=tmp_path)
     assert settings.limits.max_steps == 150
     assert settings.limits.min_size == 64
+    assert settings.limits.max_pixels == (1_000_000 if with_farm_limit else Limits().max_pixels)
 
 
 def test_dotenv_file_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

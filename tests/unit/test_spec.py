@@ -164,16 +164,12 @@ def test_invalid_request_is_refused(
     "model",
     [pytest.param(["sd15"], id="list"), pytest.param({"name": "sd15"}, id="dict")],
 )
-@pytest.mark.xfail(
-    reason="farm/spec.py check_request: `model not in settings.models` with an unhashable model (a JSON "
-    "list/object) raises TypeError instead of ValidationError; the CLI then prints a traceback",
-    raises=TypeError,
-    strict=True,
-)
 def test_unhashable_model_is_a_validation_error(settings: Settings, model: Any) -> None:
+    """A JSON list/object as model is refused like any unknown model (it once raised TypeError)."""
     with pytest.raises(ValidationError) as caught:
         check_request(_request(model=model), settings)
     assert caught.value.field == "model"
+    assert "unknown model" in caught.value.limit and "tiny" in caught.value.limit
 
 
 def test_error_names_the_request_index(settings: Settings) -> None:
