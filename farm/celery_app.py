@@ -40,7 +40,13 @@ def transport_options(settings: Settings) -> dict:
     if url.startswith(("redis://", "rediss://", "sentinel://")):
         # Above the longest task: a task that outlives it is delivered a second time (harmless to
         # the records, see workers.tasks, but wasted GPU time).
-        return {"visibility_timeout": settings.visibility_timeout}
+        return {
+            "visibility_timeout": settings.visibility_timeout,
+            # priorities: 0 (interactive submits) is served before 6 (campaigns, by default)
+            "queue_order_strategy": "priority",
+            "priority_steps": list(range(10)),
+            "sep": ":",
+        }
     return {}
 
 

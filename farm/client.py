@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from sqlalchemy import select
 
@@ -27,6 +27,9 @@ from farm.records import FINISHED, ImageRecord, Status, SubmissionRecord
 from farm.settings import Settings
 from farm.spec import GenerationRequest, ImageSpec, check_request
 from farm.storage import Storage, open_storage
+
+if TYPE_CHECKING:
+    from farm.campaigns import Campaign
 
 
 @dataclass(frozen=True)
@@ -238,8 +241,14 @@ class Farm:
         submission_id, batches = submissions.record_submission(
             self.sessions, specs, num_requests=count, settings=self.settings, label=label
         )
-        submissions.publish(self.celery, batches, self.settings, submission_id=submission_id)
+        submissions.publish(self.celery, batches, self.settings, submission_id=submission_id, sessions=self.sessions)
         return Submission(self, submission_id)
+
+    def campaign(self, name: str) -> "Campaign":
+        """A handle on the campaign called ``name`` (its first ``submit`` creates it)."""
+        from farm.campaigns import Campaign
+
+        return Campaign(self, name)
 
     def submission(self, submission_id: str) -> Submission:
         with self.sessions() as session:
@@ -260,7 +269,7 @@ class Farm:
         if not grouped:
             return 0
         return submissions.publish(
-            self.celery, submissions.regrouped(grouped), self.settings, submission_id="(recovered)"
+            self.celery, submissions.regrouped(grouped), self.settings, submission_id="(recovered)", sessions=self.sessions
         )
 
 

@@ -46,6 +46,7 @@ def utcnow() -> datetime:
 
 class Status(str, enum.Enum):
     queued = "queued"
+    paused = "paused"  # held back with its campaign; queued again on resume
     running = "running"
     succeeded = "succeeded"
     failed = "failed"
@@ -72,6 +73,28 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
 
 
+class CampaignState(str, enum.Enum):
+    active = "active"
+    paused = "paused"
+    canceled = "canceled"
+
+
+class CampaignRecord(Base):
+    """A named, resumable group of many images (a dataset being synthesised)."""
+
+    __tablename__ = "campaigns"
+    __table_args__ = (
+        CheckConstraint("state IN ('active', 'paused', 'canceled')", name="state_valid"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    state: Mapped[str] = mapped_column(String(16), default=CampaignState.active.value)
+    #: Celery priority of its tasks: 0 is served first (interactive jobs), 9 last.
+    priority: Mapped[int] = mapped_column(Integer, default=6)
+
+
 class SubmissionRecord(Base):
     """One call of ``submit``/``submit_many``: a group of images the user follows together."""
 
@@ -82,6 +105,7 @@ class SubmissionRecord(Base):
     num_images: Mapped[int] = mapped_column(Integer)
     num_requests: Mapped[int] = mapped_column(Integer)
     label: Mapped[str | None] = mapped_column(String(255))
+    campaign_id: Mapped[str | None] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"), index=True)
 
     images: Mapped[list["ImageRecord"]] = relationship(
         back_populates="submission", order_by="ImageRecord.position", cascade="all, delete-orphan"
@@ -94,15 +118,21 @@ class ImageRecord(Base):
     __tablename__ = "images"
     __table_args__ = (
         CheckConstraint(
-            "status IN ('queued', 'running', 'succeeded', 'failed', 'canceled')", name="status_valid"
+            "status IN ('queued', 'paused', 'running', 'succeeded', 'failed', 'canceled')", name="status_valid"
         ),
         Index("ix_images_submission_position", "submission_id", "position", unique=True),
+        Index("ix_images_campaign_item", "campaign_id", "item_key", unique=True),
+        Index("ix_images_campaign_status", "campaign_id", "status"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     submission_id: Mapped[str] = mapped_column(ForeignKey("submissions.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)
     request_index: Mapped[int] = mapped_column(Integer)
+    campaign_id: Mapped[str | None] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    #: Stable identity of the image inside its campaign (row id × sweep values × index): re-submitting
+    #: the same file finds it and adds nothing.
+    item_key: Mapped[str | None] = mapped_column(String(64))
 
     # what to render
     model: Mapped[str] = mapped_column(String(128))
@@ -124,6 +154,8 @@ class ImageRecord(Base):
     claim_token: Mapped[str | None] = mapped_column(String(36))
     lease_expires_at: Mapped[datetime | None]
     queued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: When its task message reached the broker (NULL: recorded, not yet published).
+    published_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
 

@@ -43,6 +43,8 @@ class Limits(BaseModel):
     max_num_images: int = 256
     max_prompt_chars: int = 4000
     max_requests_per_submission: int = 100_000
+    #: A campaign's input × sweeps may not expand past this many images.
+    max_campaign_images: int = 5_000_000
 
 
 class Settings(BaseSettings):
@@ -67,6 +69,11 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=8, ge=1, le=256)
     #: Default scheduler when a request names none.
     default_scheduler: str = "dpmpp_2m"
+    #: Campaign images written and published per transaction.
+    campaign_chunk_size: int = Field(default=5000, ge=1)
+    #: Celery priority of campaign tasks unless a campaign sets its own (0 first … 9 last; plain
+    #: submissions use 0, so a small interactive job is not stuck behind a big campaign).
+    campaign_priority: int = Field(default=6, ge=0, le=9)
     #: Prefix of the per-model Celery queues (``<prefix>.<model>``).
     queue_prefix: str = "farm"
 

@@ -12,7 +12,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from itertools import islice
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from celery import Celery
 from sqlalchemy import func, insert, select, update
@@ -67,6 +67,8 @@ def record_submission(
     num_requests: int,
     settings: Settings,
     label: str | None = None,
+    campaign_id: str | None = None,
+    item_keys: Sequence[str] | None = None,
 ) -> tuple[str, list[Batch]]:
     """Write the submission and one row per image in one transaction; return the planned batches."""
     submission_id = str(uuid.uuid4())
@@ -94,13 +96,20 @@ def record_submission(
             "attempts": 0,
             "task_id": task_of[image_id],
             "queued_at": now,
+            "campaign_id": campaign_id,
+            "item_key": item_keys[position] if item_keys is not None else None,
         }
         for position, (image_id, spec) in enumerate(pairs)
     ]
     with sessions.begin() as session:
         session.add(
             SubmissionRecord(
-                id=submission_id, created_at=now, num_images=len(rows), num_requests=num_requests, label=label
+                id=submission_id,
+                created_at=now,
+                num_images=len(rows),
+                num_requests=num_requests,
+                label=label,
+                campaign_id=campaign_id,
             )
         )
         session.flush()
@@ -109,8 +118,19 @@ def record_submission(
     return submission_id, batches
 
 
-def publish(app: Celery, batches: Iterable[Batch], settings: Settings, *, submission_id: str) -> int:
-    """Send one task message per batch to its model's queue. Messages carry ids and plain values."""
+def publish(
+    app: Celery,
+    batches: Sequence[Batch],
+    settings: Settings,
+    *,
+    submission_id: str,
+    sessions: sessionmaker[Session] | None = None,
+    priority: int = 0,
+) -> int:
+    """Send one task message per batch to its model's queue, then mark the images published.
+
+    Messages carry ids and plain values. ``priority`` 0 is served first (Redis), 9 last.
+    """
     count = 0
     try:
         with app.producer_or_acquire() as producer:
@@ -121,6 +141,7 @@ def publish(app: Celery, batches: Iterable[Batch], settings: Settings, *, submis
                     task_id=batch.task_id,
                     queue=settings.queue_for(batch.model),
                     producer=producer,
+                    priority=priority,
                     argsrepr=f"submission={submission_id}",
                     kwargsrepr=f"{{model: {batch.model!r}, images: {batch.label}}}",
                 )
@@ -131,7 +152,20 @@ def publish(app: Celery, batches: Iterable[Batch], settings: Settings, *, submis
             f"({type(exc).__name__}: {exc}); its images stay queued: run `farm requeue {submission_id}` "
             "once the broker is reachable"
         ) from exc
+    if sessions is not None:
+        mark_published(sessions, [batch.task_id for batch in batches])
     return count
+
+
+def mark_published(sessions: sessionmaker[Session], task_ids: Sequence[str]) -> None:
+    now = utcnow()
+    with sessions.begin() as session:
+        for chunk in _chunks(list(task_ids), 1000):
+            session.execute(
+                update(ImageRecord)
+                .where(ImageRecord.task_id.in_(chunk), ImageRecord.published_at.is_(None))
+                .values(published_at=now)
+            )
 
 
 def requeue(sessions: sessionmaker[Session], app: Celery, settings: Settings, submission_id: str) -> int:
@@ -151,7 +185,7 @@ def requeue(sessions: sessionmaker[Session], app: Celery, settings: Settings, su
     grouped: dict[tuple[str, str], list[str]] = defaultdict(list)
     for task_id, model, image_id in rows:
         grouped[(task_id, model)].append(image_id)
-    return publish(app, regrouped(grouped), settings, submission_id=submission_id)
+    return publish(app, regrouped(grouped), settings, submission_id=submission_id, sessions=sessions)
 
 
 def regrouped(grouped: dict[tuple[str, str], list[str]]) -> list[Batch]:

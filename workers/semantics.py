@@ -1,0 +1,370 @@
+"""Semantic checks for the shapes model: does an image show what its prompt asked for?
+
+Everything here measures meaning with plain image analysis (no learned judge):
+
+* the procedural world the shapes model was trained on (:data:`COLOURS`, :data:`SHAPES`,
+  :func:`draw`, :func:`caption`, the held-out split :func:`split`), deterministic from a seed;
+* :func:`analyse`: background colour (median of the border), foreground colour (median of the
+  pixels far from the background, nearest named colour) and shape class (best overlap of the
+  foreground with ideal circle/square/triangle/cross masks fitted to its bounding box);
+* :func:`evaluate`: render the held-out captions with the farm's own loader and renderer and report
+  colour/background/shape accuracy;
+* reusable checks (guidance, negative prompt, img2img, inpainting, LoRA), each a function that
+  returns numbers and a ``passed`` flag, used by ``tests/semantic``.
+
+numpy, PIL and scipy only at import time; torch/diffusers are imported inside the functions that
+render, so this module stays cheap to import.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# -- the world ----------------------------------------------------------------------------------------
+
+#: Named colours (sRGB). Far apart in RGB so the nearest named colour is unambiguous.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 40),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "purple": (140, 40, 180),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+#: Every word a caption uses (the tokenizer gets exactly these as whole-word tokens).
+WORDS: tuple[str, ...] = ("a", "on", "shape", "background", *COLOURS, *SHAPES)
+
+IMAGE_SIZE = 64
+#: Shape side as a fraction of the image side (40-80 % of the image, so shapes stay readable).
+MIN_FRAC, MAX_FRAC = 0.45, 0.78
+#: Pixels of background kept around the shape (the border is what the background is read from).
+MARGIN = 4
+SUPERSAMPLE = 4
+
+#: Held-out (colour, shape, background) triples: never drawn for training, used for evaluation.
+HELD_OUT_COUNT = 32
+SPLIT_SEED = 1234
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    background: str
+    size: float  # side in pixels (at IMAGE_SIZE)
+    cx: float
+    cy: float
+
+    @property
+    def combo(self) -> tuple[str, str, str]:
+        return (self.colour, self.shape, self.background)
+
+
+def all_combos() -> list[tuple[str, str, str]]:
+    return [(c, s, b) for c in COLOURS for s in SHAPES for b in COLOURS if b != c]
+
+
+def split(seed: int = SPLIT_SEED, count: int = HELD_OUT_COUNT) -> tuple[list, list]:
+    """``(train, held_out)`` lists of (colour, shape, background) triples, deterministic.
+
+    Held-out triples are picked so that every pair inside them (colour+shape, colour+background,
+    shape+background) still occurs in training: the test is composition, not unseen words.
+    """
+    combos = all_combos()
+    rng = random.Random(seed)
+    order = combos[:]
+    rng.shuffle(order)
+    held: list[tuple[str, str, str]] = []
+    per_colour: dict[str, int] = {}
+    per_shape: dict[str, int] = {}
+    for combo in order:
+        c, s, b = combo
+        # spread the held-out set evenly over colours and shapes
+        if per_colour.get(c, 0) >= count // len(COLOURS) or per_shape.get(s, 0) >= count // len(SHAPES):
+            continue
+        trial = set(held) | {combo}
+        rest = [x for x in combos if x not in trial]
+        pairs = (
+            {(x[0], x[1], "cs") for x in rest}
+            | {(x[0], x[2], "cb") for x in rest}
+            | {(x[1], x[2], "sb") for x in rest}
+        )
+        if (c, s, "cs") in pairs and (c, b, "cb") in pairs and (s, b, "sb") in pairs:
+            held.append(combo)
+            per_colour[c] = per_colour.get(c, 0) + 1
+            per_shape[s] = per_shape.get(s, 0) + 1
+        if len(held) == count:
+            break
+    held_set = set(held)
+    return [x for x in combos if x not in held_set], sorted(held)
+
+
+def caption(colour: str, shape: str, background: str) -> str:
+    return f"a {colour} {shape} on a {background} background"
+
+
+def parse_caption(text: str) -> tuple[str, str, str] | None:
+    words = text.strip().lower().split()
+    if len(words) == 7 and words[0] == "a" and words[3:5] == ["on", "a"] and words[6] == "background":
+        c, s, b = words[1], words[2], words[5]
+        if c in COLOURS and s in SHAPES and b in COLOURS:
+            return c, s, b
+    return None
+
+
+def random_scene(rng: random.Random, combo: tuple[str, str, str]) -> Scene:
+    size = rng.uniform(MIN_FRAC, MAX_FRAC) * IMAGE_SIZE
+    lo, hi = MARGIN + size / 2, IMAGE_SIZE - MARGIN - size / 2
+    return Scene(*combo, size=size, cx=rng.uniform(lo, hi), cy=rng.uniform(lo, hi))
+
+
+def _polygon(shape: str, x0: float, y0: float, x1: float, y1: float) -> list[tuple[float, float]] | None:
+    w, h = x1 - x0, y1 - y0
+    if shape == "triangle":
+        return [(x0 + w / 2, y0), (x1, y1), (x0, y1)]
+    if shape == "cross":
+        a, b = 1 / 3, 2 / 3
+        pts = [(a, 0), (b, 0), (b, a), (1, a), (1, b), (b, b), (b, 1), (a, 1), (a, b), (0, b), (0, a), (a, a)]
+        return [(x0 + u * w, y0 + v * h) for u, v in pts]
+    return None
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon(_polygon(shape, *box), fill=fill)
+
+
+def draw(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """Render ``scene`` anti-aliased (drawn at 4x and downsampled) as an RGB image."""
+    k = SUPERSAMPLE * size / IMAGE_SIZE
+    big = Image.new("RGB", (size * SUPERSAMPLE,) * 2, COLOURS[scene.background])
+    half = scene.size / 2
+    box = ((scene.cx - half) * k, (scene.cy - half) * k, (scene.cx + half) * k - 1, (scene.cy + half) * k - 1)
+    _draw_shape(ImageDraw.Draw(big), scene.shape, box, COLOURS[scene.colour])
+    return big.resize((size, size), Image.Resampling.BOX)
+
+
+def shape_mask(shape: str, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+    """Boolean mask (h, w) of the ideal ``shape`` filling ``box`` = (x0, y0, x1, y1) inclusive."""
+    img = Image.new("L", size, 0)
+    _draw_shape(ImageDraw.Draw(img), shape, box, 255)
+    return np.asarray(img) > 127
+
+
+# -- analysis -----------------------------------------------------------------------------------------
+
+_NAMES = list(COLOURS)
+_RGB = np.array([COLOURS[n] for n in _NAMES], dtype=np.float32)
+#: A pixel farther than this (RGB distance) from the background colour counts as foreground.
+FG_DISTANCE = 80.0
+
+
+def nearest_colour(rgb: Sequence[float]) -> str:
+    d = np.linalg.norm(_RGB - np.asarray(rgb, dtype=np.float32)[None], axis=1)
+    return _NAMES[int(np.argmin(d))]
+
+
+@dataclass
+class Analysis:
+    background: str
+    colour: str | None
+    shape: str | None
+    #: Fraction of the image that is foreground.
+    fg_fraction: float
+    #: Best template overlap (intersection over union) for the chosen shape.
+    shape_iou: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    return np.asarray(image, dtype=np.float32)
+
+
+def foreground_mask(image: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(mask, background_rgb)``: pixels far from the median border colour, largest blob only."""
+    from scipy import ndimage
+
+    a = _as_array(image)
+    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3), a[:, -2:].reshape(-1, 3)])
+    bg = np.median(border, axis=0)
+    mask = np.linalg.norm(a - bg[None, None], axis=2) > FG_DISTANCE
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum(mask, labels, range(1, n + 1))
+        mask = labels == (1 + int(np.argmax(sizes)))
+    return mask, bg
+
+
+def analyse(image: Image.Image | np.ndarray) -> Analysis:
+    """Read background colour, foreground colour and shape class off an image."""
+    from scipy import ndimage
+
+    a = _as_array(image)
+    mask, bg = foreground_mask(a)
+    background = nearest_colour(bg)
+    h, w = mask.shape
+    fraction = float(mask.mean())
+    if mask.sum() < 0.02 * h * w:
+        return Analysis(background=background, colour=None, shape=None, fg_fraction=fraction)
+    core = ndimage.binary_erosion(mask, iterations=1)
+    pixels = a[core] if core.sum() >= 8 else a[mask]
+    colour = nearest_colour(np.median(pixels, axis=0))
+    ys, xs = np.nonzero(mask)
+    box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+    best, best_iou = None, -1.0
+    for shape in SHAPES:
+        ideal = shape_mask(shape, box, (w, h))
+        iou = float((ideal & mask).sum() / max(1, (ideal | mask).sum()))
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    return Analysis(background=background, colour=colour, shape=best, fg_fraction=fraction, shape_iou=best_iou)
+
+
+def colour_share(image: Image.Image | np.ndarray, colour: str, *, tolerance: float = 90.0) -> float:
+    """Fraction of pixels within ``tolerance`` (RGB distance) of the named ``colour``."""
+    a = _as_array(image)
+    return float((np.linalg.norm(a - np.array(COLOURS[colour], np.float32), axis=2) < tolerance).mean())
+
+
+def scores(expected: Iterable[tuple[str, str, str]], analyses: Iterable[Analysis]) -> dict[str, float]:
+    ok_c = ok_b = ok_s = n = 0
+    for (c, s, b), got in zip(expected, analyses, strict=True):
+        n += 1
+        ok_c += got.colour == c
+        ok_b += got.background == b
+        ok_s += got.shape == s
+    n = max(n, 1)
+    return {"colour_accuracy": ok_c / n, "background_accuracy": ok_b / n, "shape_accuracy": ok_s / n}
+
+
+# -- rendering through the farm's own path ---------------------------------------------------------------
+
+#: Where the shipped model lives in a checkout.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO_ROOT / "models" / "shapes"
+
+
+def model_defaults(path: Path | str = DEFAULT_MODEL) -> dict[str, Any]:
+    """The model's ``farm.json`` (default guidance, steps, size, scheduler), with fallbacks."""
+    defaults = {"default_guidance_scale": 5.0, "default_steps": 20, "width": 64, "height": 64, "scheduler": "dpmpp_2m"}
+    f = Path(path) / "farm.json"
+    if f.is_file():
+        defaults.update(json.loads(f.read_text()))
+    return defaults
+
+
+_LOADED: dict[str, Any] = {}
+
+
+def load(path: Path | str = DEFAULT_MODEL, *, device: str = "cpu"):
+    """The model loaded with ``workers.pipeline.load_pipeline`` (cached per path and device)."""
+    key = f"{Path(path).resolve()}@{device}"
+    if key not in _LOADED:
+        import torch
+
+        from workers.pipeline import load_pipeline
+
+        if device == "cpu":
+            torch.set_num_threads(min(torch.get_num_threads(), 2) or 1)
+        _LOADED[key] = load_pipeline("shapes", str(path), models_dir=Path(path).parent, device=device)
+    return _LOADED[key]
+
+
+def render(
+    model,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    guidance_scale: float | None = None,
+    steps: int | None = None,
+    negative_prompts: Sequence[str] | None = None,
+    batch_size: int = 16,
+) -> list[Image.Image]:
+    """Render with ``workers.render.render_batch`` exactly as a farm worker would."""
+    from farm.spec import ImageSpec
+    from workers.render import render_batch
+
+    d = model_defaults(model.path)
+    g = d["default_guidance_scale"] if guidance_scale is None else guidance_scale
+    n_steps = d["default_steps"] if steps is None else steps
+    negatives = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
+    specs = [
+        ImageSpec(
+            prompt=p, negative_prompt=neg, seed=int(s), steps=n_steps, guidance_scale=float(g),
+            width=d["width"], height=d["height"], scheduler=d["scheduler"], model=model.name,
+        )
+        for p, s, neg in zip(prompts, seeds, negatives, strict=True)
+    ]
+    images: list[Image.Image] = []
+    for i in range(0, len(specs), batch_size):
+        result = render_batch(model, specs[i : i + batch_size], base_scheduler_config=dict(model.scheduler_config))
+        images += [r.image for r in result.images]
+    return images
+
+
+def held_out_prompts(n: int) -> list[tuple[tuple[str, str, str], str, int]]:
+    """``n`` (combo, caption, seed) for the evaluation: held-out triples in turn, seeds 0, 1, ..."""
+    _, held = split()
+    out = []
+    for i in range(n):
+        combo = held[i % len(held)]
+        out.append((combo, caption(*combo), 1000 + i))
+    return out
+
+
+def evaluate(
+    path: Path | str = DEFAULT_MODEL,
+    *,
+    images: int = 64,
+    guidance_scale: float | None = None,
+    steps: int | None = None,
+    device: str = "cpu",
+    save_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Render ``images`` held-out captions at the model's defaults; colour/background/shape accuracy."""
+    import time
+
+    model = load(path, device=device)
+    d = model_defaults(model.path)
+    items = held_out_prompts(images)
+    started = time.perf_counter()
+    rendered = render(model, [p for _, p, _ in items], [s for _, _, s in items], guidance_scale=guidance_scale, steps=steps)
+    seconds = time.perf_counter() - started
+    analyses = [analyse(im) for im in rendered]
+    result: dict[str, Any] = scores([c for c, _, _ in items], analyses)
+    if save_dir is not None:
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for i, (im, (combo, _, seed)) in enumerate(zip(rendered, items)):
+            im.save(save_dir / f"{i:03d}_{'_'.join(combo)}_{seed}.png")
+    result.update(
+        images=len(items),
+        held_out_combos=len(split()[1]),
+        guidance_scale=d["default_guidance_scale"] if guidance_scale is None else guidance_scale,
+        steps=d["default_steps"] if steps is None else steps,
+        scheduler=d["scheduler"],
+        width=d["width"],
+        height=d["height"],
+        seconds=round(seconds, 2),
+        model=str(model.path),
+    )
+    return result
