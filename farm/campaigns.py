@@ -16,14 +16,14 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from sqlalchemy import func, select, update
 
 from farm import submissions
 from farm.errors import NotFound, ValidationError
-from farm.inputs import Row, combinations, parse_sweeps, read_rows
-from farm.records import CampaignRecord, CampaignState, ImageRecord, Status, utcnow
+from farm.inputs import Row, combinations, parse_sweeps, read_rows, row_id
+from farm.records import CampaignRecord, CampaignState, ImageRecord, Status, SubmissionRecord, utcnow
 from farm.spec import ImageSpec, check_request
 
 if TYPE_CHECKING:
@@ -96,6 +96,7 @@ class Campaign:
             raise ValidationError("name", name, "must be 1 to 255 characters")
         self._farm = farm
         self.name = name
+        self._fresh = False
 
     # -- submit -------------------------------------------------------------------------------
     def submit(
@@ -105,6 +106,7 @@ class Campaign:
         sweeps: list[str] | dict[str, list[Any]] | None = None,
         dry_run: bool = False,
         priority: int | None = None,
+        on_total: Callable[[SubmitReport], None] | None = None,
     ) -> SubmitReport:
         """Expand ``source`` (a .jsonl/.csv/.parquet path, or dicts) × ``sweeps`` and queue what is new."""
         settings = self._farm.settings
@@ -117,7 +119,7 @@ class Campaign:
         total, estimate = 0, 0.0
         per_step = self._seconds_per_step()
         cap = settings.limits.max_campaign_images
-        for item in self._items(source, combos):
+        for item in self._items(source, combos, keys=False):
             total += 1
             if total > cap:
                 raise ValidationError(
@@ -126,11 +128,14 @@ class Campaign:
                 )
             estimate += item.spec.steps * per_step * (item.spec.width * item.spec.height) / (512 * 512)
         report = SubmitReport(campaign=self.name, total=total, estimated_gpu_seconds=estimate, dry_run=dry_run)
+        if on_total is not None:  # the count and estimate, shown before anything is submitted
+            on_total(report)
         if dry_run:
             return report
 
         # pass 2: write new images and publish them, chunk by chunk
         record = self._ensure(priority)
+        self._fresh = not self._has_images(record)  # a new campaign: no key can exist yet
         chunk: list[_Item] = []
         for item in self._items(source, combos):
             chunk.append(item)
@@ -142,18 +147,18 @@ class Campaign:
         report.published_again = self._publish_unpublished(record)
         return report
 
-    def _items(self, source, combos: list[dict[str, Any]]) -> Iterator[_Item]:
+    def _items(self, source, combos: list[dict[str, Any]], *, keys: bool = True) -> Iterator[_Item]:
         settings = self._farm.settings
-        for number, rid, fields in self._rows(source):
-            for combo in combos:
-                request = {**fields, **combo}
+        combo_keys = [json.dumps(combo, sort_keys=True) for combo in combos]
+        for number, explicit, fields in self._rows(source):
+            rid = row_id(explicit, fields) if keys else ""
+            for combo, combo_key in zip(combos, combo_keys):
                 try:
-                    checked = check_request(request, settings)
+                    checked = check_request({**fields, **combo}, settings)
                 except ValidationError as exc:
                     raise exc.at(self._where(source, number)) from None
-                combo_key = json.dumps(combo, sort_keys=True)
                 for index, spec in enumerate(checked.images):
-                    key = hashlib.sha256(f"{rid}\x1f{combo_key}\x1f{index}".encode()).hexdigest()[:40]
+                    key = hashlib.sha256(f"{rid}\x1f{combo_key}\x1f{index}".encode()).hexdigest()[:40] if keys else ""
                     yield _Item(key=key, spec=spec)
 
     @staticmethod
@@ -192,14 +197,16 @@ class Campaign:
     def _write_chunk(self, record: CampaignRecord, chunk: list[_Item], report: SubmitReport) -> None:
         farm = self._farm
         keys = [item.key for item in chunk]
-        with farm.sessions() as session:
-            existing = set(
-                session.scalars(
-                    select(ImageRecord.item_key).where(
-                        ImageRecord.campaign_id == record.id, ImageRecord.item_key.in_(keys)
+        existing: set[str] = set()
+        if not self._fresh:
+            with farm.sessions() as session:
+                existing = set(
+                    session.scalars(
+                        select(ImageRecord.item_key).where(
+                            ImageRecord.campaign_id == record.id, ImageRecord.item_key.in_(keys)
+                        )
                     )
                 )
-            )
         fresh = [item for item in chunk if item.key not in existing]
         report.existing += len(chunk) - len(fresh)
         if not fresh:
@@ -218,15 +225,29 @@ class Campaign:
         else:
             submissions.publish(
                 farm.celery, batches, farm.settings, submission_id=submission_id, sessions=farm.sessions,
-                priority=record.priority,
+                priority=record.priority, whole_submission=submission_id,
             )
         report.new += len(fresh)
+
+    def _has_images(self, record: CampaignRecord) -> bool:
+        with self._farm.sessions() as session:
+            return session.scalar(select(ImageRecord.id).where(ImageRecord.campaign_id == record.id).limit(1)) is not None
 
     def _publish_unpublished(self, record: CampaignRecord) -> int:
         """Queue the images an earlier, interrupted submit recorded but never published."""
         if record.state != CampaignState.active.value:
             return 0
-        return self._republish(record, ImageRecord.published_at.is_(None))
+        unpublished = select(SubmissionRecord.id).where(
+            SubmissionRecord.campaign_id == record.id, SubmissionRecord.published_at.is_(None)
+        )
+        count = self._republish(record, ImageRecord.submission_id.in_(unpublished))
+        with self._farm.sessions.begin() as session:
+            session.execute(
+                update(SubmissionRecord)
+                .where(SubmissionRecord.campaign_id == record.id, SubmissionRecord.published_at.is_(None))
+                .values(published_at=utcnow())
+            )
+        return count
 
     def _republish(self, record: CampaignRecord, condition) -> int:
         farm = self._farm

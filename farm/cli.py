@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import click
@@ -206,8 +207,19 @@ def campaign() -> None:
 @handles_errors
 def campaign_submit(file, name, sweeps, dry_run, priority):
     """Expand FILE (JSONL, CSV or Parquet of prompts) × sweeps and queue what is new."""
+    def show_total(report):
+        if not dry_run:
+            click.echo(
+                f"{report.campaign}: {report.total} image(s) in the input × sweeps; "
+                f"estimated GPU time {timedelta(seconds=round(report.estimated_gpu_seconds))}; submitting…",
+                err=True,
+            )
+
     with _farm() as farm:
-        click.echo(str(farm.campaign(name).submit(file, sweeps=list(sweeps), dry_run=dry_run, priority=priority)))
+        report = farm.campaign(name).submit(
+            file, sweeps=list(sweeps), dry_run=dry_run, priority=priority, on_total=show_total
+        )
+        click.echo(str(report))
 
 
 @campaign.command("status")

@@ -241,7 +241,10 @@ class Farm:
         submission_id, batches = submissions.record_submission(
             self.sessions, specs, num_requests=count, settings=self.settings, label=label
         )
-        submissions.publish(self.celery, batches, self.settings, submission_id=submission_id, sessions=self.sessions)
+        submissions.publish(
+            self.celery, batches, self.settings, submission_id=submission_id, sessions=self.sessions,
+            whole_submission=submission_id,
+        )
         return Submission(self, submission_id)
 
     def campaign(self, name: str) -> "Campaign":

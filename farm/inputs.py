@@ -29,7 +29,7 @@ SWEEPABLE = ("seed", "guidance_scale", "steps", "scheduler", "width", "height", 
 #: A column naming each row's stable id; without it the id is derived from the row's content.
 ID_COLUMN = "id"
 
-Row = tuple[int, str, dict[str, Any]]  # (line or row number, stable row id, request fields)
+Row = tuple[int, str | None, dict[str, Any]]  # (line or row number, the id column's value, request fields)
 
 
 def coerce(field: str, value: Any, where: str) -> Any:
@@ -44,8 +44,10 @@ def coerce(field: str, value: Any, where: str) -> Any:
         raise ValidationError(field, value, f"must be {'an integer' if kind is int else 'a number'}", where=where) from None
 
 
-def row_id(fields: dict[str, Any]) -> str:
-    """A stable id for a row without an ``id`` column: a hash of its content."""
+def row_id(explicit: str | None, fields: dict[str, Any]) -> str:
+    """A row's stable id: its ``id`` column, or else a hash of its content."""
+    if explicit is not None:
+        return explicit
     canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:24]
 
@@ -55,11 +57,11 @@ def _finish(number: int, raw: dict[str, Any], where: str) -> Row:
     if not isinstance(fields.get("prompt"), str):
         raise ValidationError("prompt", fields.get("prompt"), "is required in every row", where=where)
     explicit = fields.pop(ID_COLUMN, None)
-    return number, str(explicit) if explicit is not None else row_id(fields), fields
+    return number, str(explicit) if explicit is not None else None, fields
 
 
 def read_rows(path: Path) -> Iterator[Row]:
-    """Stream ``(number, row id, fields)`` from a ``.jsonl``, ``.csv`` or ``.parquet`` file."""
+    """Stream ``(number, id column or None, fields)`` from a ``.jsonl``, ``.csv`` or ``.parquet`` file."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):

@@ -106,6 +106,8 @@ class SubmissionRecord(Base):
     num_requests: Mapped[int] = mapped_column(Integer)
     label: Mapped[str | None] = mapped_column(String(255))
     campaign_id: Mapped[str | None] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"), index=True)
+    #: When all its task messages reached the broker (NULL: recorded, not yet fully published).
+    published_at: Mapped[datetime | None]
 
     images: Mapped[list["ImageRecord"]] = relationship(
         back_populates="submission", order_by="ImageRecord.position", cascade="all, delete-orphan"
@@ -154,8 +156,6 @@ class ImageRecord(Base):
     claim_token: Mapped[str | None] = mapped_column(String(36))
     lease_expires_at: Mapped[datetime | None]
     queued_at: Mapped[datetime] = mapped_column(default=utcnow)
-    #: When its task message reached the broker (NULL: recorded, not yet published).
-    published_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
 

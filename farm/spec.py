@@ -41,7 +41,7 @@ class GenerationRequest:
     def from_dict(cls, data: Mapping[str, Any], *, index: int | None = None) -> "GenerationRequest":
         if not isinstance(data, Mapping):
             raise ValidationError("request", data, "must be an object of request fields", index=index)
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = _REQUEST_FIELDS
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValidationError(
@@ -53,6 +53,9 @@ class GenerationRequest:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationRequest))
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,11 @@ class ImageSpec:
         return (self.model, self.width, self.height, self.steps, self.scheduler, self.guidance_scale)
 
     def params(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # by hand: dataclasses.asdict deep-copies and costs ~50 µs an image on a 100k campaign
+        return {name: getattr(self, name) for name in _SPEC_FIELDS}
+
+
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(ImageSpec))
 
 
 @dataclass

@@ -368,3 +368,220 @@ def evaluate(
         model=str(model.path),
     )
     return result
+
+
+# -- semantic checks the farm reuses ---------------------------------------------------------------------
+#
+# Each check takes a model loaded with ``workers.pipeline.load_pipeline`` (``LoadedModel``), renders a
+# few images and returns a :class:`CheckResult`: the numbers it measured and whether they pass.
+
+
+@dataclass
+class CheckResult:
+    name: str
+    passed: bool
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.name}: {'PASS' if self.passed else 'FAIL'} {json.dumps(self.values)}"
+
+
+def adherence(combos: Sequence[tuple[str, str, str]], images: Sequence[Image.Image]) -> float:
+    """Mean of colour, background and shape accuracy: how well images follow their captions."""
+    s = scores(combos, [analyse(im) for im in images])
+    return (s["colour_accuracy"] + s["background_accuracy"] + s["shape_accuracy"]) / 3
+
+
+def check_set(n: int, *, offset: int = 0) -> list[tuple[tuple[str, str, str], str, int]]:
+    """``n`` held-out (combo, caption, seed) spread over the held-out set, seeds after ``offset``."""
+    _, held = split()
+    step = max(1, len(held) // n)
+    return [(held[(i * step) % len(held)], caption(*held[(i * step) % len(held)]), 5000 + offset + i) for i in range(n)]
+
+
+def check_guidance(model, *, n: int = 8, low: float = 1.0, margin: float = 0.15, steps: int | None = None) -> CheckResult:
+    """Adherence at guidance ``low`` (1.0: no classifier-free guidance) is clearly below the default's."""
+    items = check_set(n)
+    combos, prompts, seeds = zip(*items)
+    default = model_defaults(model.path)["default_guidance_scale"]
+    at_default = adherence(combos, render(model, prompts, seeds, steps=steps))
+    at_low = adherence(combos, render(model, prompts, seeds, guidance_scale=low, steps=steps))
+    return CheckResult(
+        "guidance",
+        at_default - at_low >= margin,
+        {"adherence_default": round(at_default, 3), "default_guidance": default, "adherence_low": round(at_low, 3), "low_guidance": low},
+    )
+
+
+def check_negative_prompt(model, *, n: int = 8, ratio: float = 0.7, steps: int | None = None) -> CheckResult:
+    """Naming the foreground colour in the negative prompt lowers that colour's share of the image."""
+    items = check_set(n, offset=100)
+    combos, prompts, seeds = zip(*items)
+    base = render(model, prompts, seeds, steps=steps)
+    neg = render(model, prompts, seeds, negative_prompts=[c for c, _, _ in combos], steps=steps)
+    share_base = float(np.mean([colour_share(im, c) for im, (c, _, _) in zip(base, combos)]))
+    share_neg = float(np.mean([colour_share(im, c) for im, (c, _, _) in zip(neg, combos)]))
+    return CheckResult(
+        "negative_prompt",
+        share_neg <= ratio * share_base,
+        {"fg_share_without": round(share_base, 4), "fg_share_with_negative": round(share_neg, 4), "max_ratio": ratio},
+    )
+
+
+def _img2img_pipe(model):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    components = {k: v for k, v in model.pipe.components.items()}
+    components["requires_safety_checker"] = False
+    pipe = StableDiffusionImg2ImgPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def img2img(model, image: Image.Image, prompt: str, *, strength: float, seed: int, guidance_scale: float | None = None, steps: int | None = None) -> Image.Image:
+    """diffusers' img2img with the model's modules (shared, no copy) and the farm's default scheduler."""
+    import torch
+
+    from workers.schedulers import make_scheduler
+
+    d = model_defaults(model.path)
+    pipe = _img2img_pipe(model)
+    pipe.scheduler = make_scheduler(d["scheduler"], dict(model.scheduler_config))
+    with torch.inference_mode():
+        return pipe(
+            prompt=prompt, image=image, strength=strength,
+            num_inference_steps=d["default_steps"] if steps is None else steps,
+            guidance_scale=d["default_guidance_scale"] if guidance_scale is None else guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(seed),
+        ).images[0]
+
+
+def mean_abs_diff(a: Image.Image, b: Image.Image, mask: np.ndarray | None = None) -> float:
+    """Mean absolute pixel difference (0..255) over ``mask`` (all pixels if None)."""
+    d = np.abs(_as_array(a) - _as_array(b)).mean(axis=2)
+    return float(d[mask].mean() if mask is not None else d.mean())
+
+
+def check_img2img(model, *, n: int = 4, close: float = 12.0, follow: float = 0.75, steps: int | None = None) -> CheckResult:
+    """Strength 0.2 keeps the input (mean abs diff < ``close``); 0.9 follows a new prompt."""
+    _, held = split()
+    rng = random.Random(7)
+    diffs, follows = [], []
+    for i in range(n):
+        src = held[(i * 5) % len(held)]
+        dst = held[(i * 5 + 11) % len(held)]
+        image = draw(random_scene(rng, src))
+        low = img2img(model, image, caption(*src), strength=0.2, seed=i, steps=steps)
+        high = img2img(model, image, caption(*dst), strength=0.9, seed=i, steps=steps)
+        diffs.append(mean_abs_diff(image, low))
+        follows.append(adherence([dst], [high]))
+    d, f = float(np.mean(diffs)), float(np.mean(follows))
+    return CheckResult("img2img", d < close and f >= follow, {"mean_abs_diff_at_0.2": round(d, 2), "max_diff": close, "adherence_at_0.9": round(f, 3), "min_adherence": follow})
+
+
+def inpaint(
+    model, image: Image.Image, mask: np.ndarray, prompt: str, *, seed: int,
+    guidance_scale: float | None = None, steps: int | None = None, negative_prompt: str = "",
+) -> Image.Image:
+    """Inpaint with a 4-channel model by latent blending (diffusers' inpaint pipeline needs 9 channels).
+
+    ``mask`` is boolean (h, w), True where to repaint. Each DDIM step, the latent outside the
+    (latent-resolution) mask is replaced by the input's latent noised to that step, so only the
+    inside is generated while it sees a consistent outside. No pixels are pasted back: what is kept
+    outside is what the VAE reconstructs.
+    """
+    import torch
+    from diffusers import DDIMScheduler
+
+    pipe = model.pipe
+    d = model_defaults(model.path)
+    g = d["default_guidance_scale"] if guidance_scale is None else guidance_scale
+    n_steps = d["default_steps"] if steps is None else steps
+    sched = DDIMScheduler.from_config(dict(model.scheduler_config))
+    sched.set_timesteps(n_steps)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    with torch.inference_mode():
+        x = torch.from_numpy(_as_array(image)).permute(2, 0, 1)[None].div(127.5).sub(1).to(device, dtype)
+        x0 = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        m = torch.from_numpy(mask.astype(np.float32))[None, None]
+        m = torch.nn.functional.interpolate(m, size=x0.shape[-2:], mode="area").gt(0.01).to(device, dtype)
+        noise = torch.randn(x0.shape, generator=gen).to(device, dtype)
+        cond, uncond = pipe.encode_prompt(prompt, device, 1, True, negative_prompt)
+        embeds = torch.cat([uncond, cond])
+        latents = noise * sched.init_noise_sigma
+        for i, t in enumerate(sched.timesteps):
+            inp = sched.scale_model_input(torch.cat([latents] * 2), t)
+            e_u, e_c = pipe.unet(inp, t, encoder_hidden_states=embeds).sample.chunk(2)
+            latents = sched.step(e_u + g * (e_c - e_u), t, latents).prev_sample
+            if i + 1 < len(sched.timesteps):
+                known = sched.add_noise(x0, noise, sched.timesteps[i + 1 : i + 2])
+            else:
+                known = x0
+            latents = m * latents + (1 - m) * known
+        out = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    arr = ((out[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def check_inpainting(model, *, n: int = 4, outside_tol: float = 10.0, inside_share: float = 0.5, steps: int | None = None) -> CheckResult:
+    """Outside the mask the input is kept (mean abs diff < ``outside_tol``); inside, the prompt's colour appears.
+
+    Input: a plain background of a named colour. Mask: a centred square. Prompt: a shape of another
+    colour on that background; the inside of the mask must then be mostly that colour.
+    """
+    from scipy import ndimage
+
+    names = list(COLOURS)
+    outside, inside = [], []
+    h = w = IMAGE_SIZE
+    mask = np.zeros((h, w), bool)
+    mask[16:48, 16:48] = True
+    far_outside = ~ndimage.binary_dilation(mask, iterations=4)
+    core = np.zeros_like(mask)
+    core[24:40, 24:40] = True
+    for i in range(n):
+        bg = names[(3 * i + 1) % len(names)]
+        fg = names[(5 * i + 2) % len(names)]
+        if fg == bg:
+            fg = names[(names.index(fg) + 1) % len(names)]
+        image = Image.new("RGB", (w, h), COLOURS[bg])
+        out = inpaint(model, image, mask, caption(fg, "square", bg), seed=i, steps=steps)
+        outside.append(mean_abs_diff(image, out, far_outside))
+        inside.append(colour_share(np.asarray(out)[core].reshape(16, 16, 3), fg))
+    o, s = float(np.mean(outside)), float(np.mean(inside))
+    return CheckResult("inpainting", o < outside_tol and s >= inside_share, {"outside_mean_abs_diff": round(o, 2), "max_outside_diff": outside_tol, "inside_prompt_colour_share": round(s, 3), "min_inside_share": inside_share})
+
+
+LORA_NAME = "green"
+
+
+def lora_path(model_path: Path | str = DEFAULT_MODEL, name: str = LORA_NAME) -> Path:
+    return Path(model_path) / "loras" / f"{name}.safetensors"
+
+
+def check_lora(model, *, n: int = 8, path: Path | str | None = None, colour: str = LORA_NAME, min_effect: float = 0.6, steps: int | None = None) -> CheckResult:
+    """With the LoRA loaded shapes come out ``colour``; at weight 0 the base output is back (±2 levels)."""
+    path = Path(path) if path is not None else lora_path(model.path)
+    _, held = split()
+    combos = [c for c in held if c[0] != colour and c[2] != colour][:n]
+    prompts = [caption(*c) for c in combos]
+    seeds = [7000 + i for i in range(len(combos))]
+    base = render(model, prompts, seeds, steps=steps)
+    pipe = model.pipe
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="semantic_check")
+    try:
+        pipe.set_adapters(["semantic_check"], [1.0])
+        on = render(model, prompts, seeds, steps=steps)
+        pipe.set_adapters(["semantic_check"], [0.0])
+        off = render(model, prompts, seeds, steps=steps)
+    finally:
+        pipe.unload_lora_weights()
+    is_colour = lambda ims: float(np.mean([analyse(im).colour == colour for im in ims]))  # noqa: E731
+    zero_diff = max(float(np.abs(_as_array(a) - _as_array(b)).max()) for a, b in zip(base, off))
+    on_rate, base_rate, off_rate = is_colour(on), is_colour(base), is_colour(off)
+    return CheckResult(
+        "lora",
+        on_rate >= min_effect and on_rate - base_rate >= min_effect - 0.1 and zero_diff <= 2 and off_rate == base_rate,
+        {f"{colour}_rate_base": base_rate, f"{colour}_rate_lora": on_rate, f"{colour}_rate_weight0": off_rate, "weight0_max_pixel_diff": zero_diff, "lora": str(path)},
+    )

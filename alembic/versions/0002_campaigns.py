@@ -34,7 +34,6 @@ def upgrade() -> None:
     with op.batch_alter_table("images") as batch:
         batch.add_column(sa.Column("campaign_id", sa.String(length=36), nullable=True))
         batch.add_column(sa.Column("item_key", sa.String(length=64), nullable=True))
-        batch.add_column(sa.Column("published_at", sa.DateTime(timezone=True), nullable=True))
         batch.create_index("ix_images_campaign_item", ["campaign_id", "item_key"], unique=True)
         batch.create_index("ix_images_campaign_status", ["campaign_id", "status"], unique=False)
         batch.create_foreign_key(
@@ -42,20 +41,22 @@ def upgrade() -> None:
         )
         batch.drop_constraint(op.f("ck_images_status_valid"), type_="check")
         batch.create_check_constraint(op.f("ck_images_status_valid"), NEW_STATUS)
-    # images recorded before this revision were all published at submit
-    op.execute("UPDATE images SET published_at = queued_at")
     with op.batch_alter_table("submissions") as batch:
         batch.add_column(sa.Column("campaign_id", sa.String(length=36), nullable=True))
+        batch.add_column(sa.Column("published_at", sa.DateTime(timezone=True), nullable=True))
         batch.create_index(op.f("ix_submissions_campaign_id"), ["campaign_id"], unique=False)
         batch.create_foreign_key(
             op.f("fk_submissions_campaign_id_campaigns"), "campaigns", ["campaign_id"], ["id"], ondelete="CASCADE"
         )
+    # submissions recorded before this revision were published as they were submitted
+    op.execute("UPDATE submissions SET published_at = created_at")
 
 
 def downgrade() -> None:
     with op.batch_alter_table("submissions") as batch:
         batch.drop_constraint(op.f("fk_submissions_campaign_id_campaigns"), type_="foreignkey")
         batch.drop_index(op.f("ix_submissions_campaign_id"))
+        batch.drop_column("published_at")
         batch.drop_column("campaign_id")
     op.execute("UPDATE images SET status = 'queued' WHERE status = 'paused'")
     with op.batch_alter_table("images") as batch:
@@ -64,7 +65,6 @@ def downgrade() -> None:
         batch.drop_constraint(op.f("fk_images_campaign_id_campaigns"), type_="foreignkey")
         batch.drop_index("ix_images_campaign_status")
         batch.drop_index("ix_images_campaign_item")
-        batch.drop_column("published_at")
         batch.drop_column("item_key")
         batch.drop_column("campaign_id")
     op.drop_table("campaigns")

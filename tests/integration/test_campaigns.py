@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
-from farm.records import CampaignRecord, ImageRecord, Status
+from farm.records import CampaignRecord, ImageRecord, Status, SubmissionRecord
 
 pytestmark = pytest.mark.integration
 
@@ -138,8 +138,8 @@ def test_killed_submitter_resumes_without_duplicates(farm_env, s3_env, tmp_path)
     assert count(farm, "resume-me") == 800
     with farm.sessions() as session:
         unpublished = session.scalar(
-            select(func.count()).select_from(ImageRecord).join(CampaignRecord)
-            .where(CampaignRecord.name == "resume-me", ImageRecord.published_at.is_(None))
+            select(func.count()).select_from(SubmissionRecord).join(CampaignRecord)
+            .where(CampaignRecord.name == "resume-me", SubmissionRecord.published_at.is_(None))
         )
         distinct = session.scalar(
             select(func.count(func.distinct(ImageRecord.item_key))).select_from(ImageRecord).join(CampaignRecord)

@@ -1,0 +1,12 @@
+"""img2img (diffusers' StableDiffusionImg2ImgPipeline on the model's own modules).
+
+Strength 0.2 keeps the input image; strength 0.9 follows a new prompt.
+"""
+
+from workers import semantics as S
+
+
+def test_img2img_strength(shapes_model):
+    result = S.check_img2img(shapes_model)
+    print(result)
+    assert result.passed, str(result)
