@@ -61,15 +61,26 @@ def main() -> None:
 @click.option("--seed", type=int, default=None, help="First seed; drawn at random and recorded if omitted.")
 @click.option("--steps", type=int, default=25, show_default=True)
 @click.option("--guidance-scale", type=float, default=7.5, show_default=True)
-@click.option("--width", type=int, default=512, show_default=True)
-@click.option("--height", type=int, default=512, show_default=True)
+@click.option("--width", type=int, default=None, help="Default 512, or the init image's width rounded down to a multiple of 8.")
+@click.option("--height", type=int, default=None, help="Default 512, or the init image's height rounded down to a multiple of 8.")
 @click.option("--scheduler", default=None, help="ddim, pndm, euler, euler_a, heun, lms, dpmpp_2m, dpmpp_2m_karras, unipc.")
 @click.option("--model", default=None, help="A name from FARM_MODELS (default FARM_DEFAULT_MODEL).")
 @click.option("--file", "file_", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A JSONL file: one request object per line (the same fields, snake_case).")
 @click.option("--label", default=None, help="A label to find the submission by.")
+@click.option("--init-image", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="img2img: start from this PNG, JPEG or WebP (uploaded once, by content hash).")
+@click.option("--mask", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Inpainting: white = repaint, black = keep; the init image's size.")
+@click.option("--strength", type=float, default=None, help="0 keeps the init image, 1 ignores it (default 0.75; inpainting 1).")
+@click.option("--resize-mode", type=click.Choice(["resize", "crop", "fill"]), default="resize", show_default=True,
+              help="How the init image meets --width/--height.")
+@click.option("--mask-blur", type=int, default=0, show_default=True, help="Inpainting: blur the mask edge (pixels).")
+@click.option("--paste-back", is_flag=True, help="Inpainting: keep the unmasked original pixels exactly.")
+@click.option("--clip-skip", type=int, default=1, show_default=True, help="1 or 2, as A1111's Clip skip.")
 @handles_errors
-def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, width, height, scheduler, model, file_, label):
+def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, width, height, scheduler, model, file_,
+           label, init_image, mask, strength, resize_mode, mask_blur, paste_back, clip_skip):
     """Validate and queue a request; print the submission id."""
     if file_ is not None:
         if prompt is not None:
@@ -92,6 +103,13 @@ def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, wid
                 "height": height,
                 "scheduler": scheduler,
                 "model": model,
+                "init_image": str(init_image) if init_image else None,
+                "mask": str(mask) if mask else None,
+                "strength": strength,
+                "resize_mode": resize_mode,
+                "mask_blur": mask_blur,
+                "paste_back": paste_back,
+                "clip_skip": clip_skip,
             }
         ]
         lines = ()
@@ -310,12 +328,13 @@ def model() -> None:
 @model.command("make-tiny")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--inpainting", is_flag=True, help="A 9-channel inpainting UNet (the sd-v1-5-inpainting layout).")
 @handles_errors
-def make_tiny(directory, seed):
+def make_tiny(directory, seed, inpainting):
     """Write a tiny random SD-architecture pipeline (diffusers format, safetensors) to DIRECTORY."""
     from workers.tiny import make_tiny as build
 
-    click.echo(str(build(directory, seed=seed)))
+    click.echo(str(build(directory, seed=seed, in_channels=9 if inpainting else 4)))
 
 
 @main.command()

@@ -11,6 +11,7 @@ Light by design: no torch, no diffusers (the worker side has them).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +26,8 @@ from farm.celery_app import make_celery
 from farm.errors import NotFound, ValidationError, WaitTimeout
 from farm.records import FINISHED, ImageRecord, Status, SubmissionRecord
 from farm.settings import Settings
-from farm.spec import GenerationRequest, ImageSpec, check_request
+from farm.images import PreparedImage, prepare_image
+from farm.spec import GenerationRequest, ImageSpec, PreparedInputs, check_request
 from farm.storage import Storage, open_storage
 
 if TYPE_CHECKING:
@@ -229,15 +231,23 @@ class Farm:
         """
         specs: list[ImageSpec] = []
         count = 0
+        prepared: dict[Any, PreparedImage] = {}
         for index, request in enumerate(requests):
             if index >= self.settings.limits.max_requests_per_submission:
                 raise ValidationError(
                     "requests", f"more than {index}", f"at most {self.settings.limits.max_requests_per_submission} per submission"
                 )
-            specs.extend(check_request(request, self.settings, index=index).images)
+            if isinstance(request, GenerationRequest):
+                request = request.to_dict()
+            inputs = self._prepare_inputs(request, index, prepared)
+            specs.extend(check_request(request, self.settings, index=index, inputs=inputs).images)
             count += 1
         if not specs:
             raise ValidationError("requests", [], "at least one request is needed")
+        # every request is valid: now upload the input images, once each (content-addressed)
+        for image in {p.key: p for p in prepared.values()}.values():
+            if not self.storage.exists(image.key):
+                self.storage.put(image.key, image.data, content_type="image/png")
         submission_id, batches = submissions.record_submission(
             self.sessions, specs, num_requests=count, settings=self.settings, label=label
         )
@@ -252,6 +262,21 @@ class Farm:
         from farm.campaigns import Campaign
 
         return Campaign(self, name)
+
+    def _prepare_inputs(self, request: Mapping[str, Any], index: int, cache: dict) -> PreparedInputs | None:
+        """Read and check the request's init image and mask (no upload yet)."""
+        if not isinstance(request, Mapping) or (request.get("init_image") is None and request.get("mask") is None):
+            return None
+        found = {}
+        for field, mode in (("init_image", "RGB"), ("mask", "L")):
+            source = request.get(field)
+            if source is None:
+                continue
+            ident = (mode, hashlib.sha256(source).hexdigest() if isinstance(source, (bytes, bytearray)) else str(source))
+            if ident not in cache:
+                cache[ident] = prepare_image(source, field=field, limits=self.settings.limits, mode=mode, index=index)
+            found[field] = cache[ident]
+        return PreparedInputs(init=found.get("init_image"), mask=found.get("mask"))
 
     def submission(self, submission_id: str) -> Submission:
         with self.sessions() as session:

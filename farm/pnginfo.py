@@ -153,3 +153,16 @@ def read_png_metadata(data: bytes) -> tuple[str | None, dict[str, Any] | None]:
     if not isinstance(spec, dict):
         raise ValueError(f"the PNG's {FARM_KEY!r} chunk is {type(spec).__name__}, not a JSON object")
     return parameters, spec
+
+
+def a1111_extra(params: Any) -> dict[str, str]:
+    """The keys A1111 adds for image-conditioned jobs and clip skip, from an ImageSpec (or its params)."""
+    get = params.get if isinstance(params, Mapping) else lambda name, default=None: getattr(params, name, default)
+    extra: dict[str, str] = {}
+    if get("mode", "txt2img") != "txt2img" and get("strength") is not None:
+        extra["Denoising strength"] = _number(get("strength"))
+    if get("mode") == "inpaint":
+        extra["Mask blur"] = str(int(get("mask_blur", 0) or 0))
+    if int(get("clip_skip", 1) or 1) > 1:
+        extra["Clip skip"] = str(int(get("clip_skip")))
+    return extra

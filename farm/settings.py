@@ -43,6 +43,11 @@ class Limits(BaseModel):
     max_num_images: int = 256
     max_prompt_chars: int = 4000
     max_requests_per_submission: int = 100_000
+    #: Input images (img2img, inpainting): bytes, pixels (checked from the header, before
+    #: decoding; Pillow's own decompression-bomb guard stays on above it) and smallest side.
+    max_input_bytes: int = 25 * 1024 * 1024
+    max_input_pixels: int = 4096 * 4096
+    min_input_side: int = 16
     #: A campaign's input × sweeps may not expand past this many images.
     max_campaign_images: int = 5_000_000
 

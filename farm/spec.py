@@ -8,6 +8,7 @@ with its own seed (a missing seed is drawn once, here, and recorded).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -32,10 +33,22 @@ class GenerationRequest:
     seeds: list[int] | None = None
     steps: int = 25
     guidance_scale: float = 7.5
-    width: int = 512
-    height: int = 512
+    width: int | None = None  # default 512, or the init image's size (rounded down to multiples of 8)
+    height: int | None = None
     scheduler: str | None = None
     model: str | None = None
+    #: img2img / inpainting: a path or bytes (the client uploads it once, by content hash)
+    init_image: str | bytes | None = None
+    #: inpainting: white = repaint, black = keep; same size as the init image
+    mask: str | bytes | None = None
+    #: how far from the init image: 0 keeps it, 1 ignores it (default 0.75 img2img, 1.0 inpainting)
+    strength: float | None = None
+    resize_mode: str = "resize"
+    mask_blur: int = 0
+    #: inpainting: paste the unmasked original pixels back, so they are kept exactly
+    paste_back: bool = False
+    #: 1 = the text encoder's last layer, 2 = the one before (as A1111's "Clip skip")
+    clip_skip: int = 1
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, index: int | None = None) -> "GenerationRequest":
@@ -72,11 +85,37 @@ class ImageSpec:
     scheduler: str
     model: str
     request_index: int = 0
+    mode: str = "txt2img"  # txt2img | img2img | inpaint
+    init_image_key: str | None = None
+    mask_key: str | None = None
+    strength: float | None = None
+    resize_mode: str = "resize"
+    mask_blur: int = 0
+    paste_back: bool = False
+    clip_skip: int = 1
 
     @property
     def batch_key(self) -> tuple:
-        """Images with equal keys can share one GPU batch (and one task)."""
-        return (self.model, self.width, self.height, self.steps, self.scheduler, self.guidance_scale)
+        """Images with equal keys can share one GPU batch (and one task); each keeps its own seed
+        and its own init image and mask."""
+        return (
+            self.model, self.mode, self.width, self.height, self.steps, self.scheduler, self.guidance_scale,
+            self.strength, self.resize_mode, self.mask_blur, self.paste_back, self.clip_skip,
+        )
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "ImageSpec":
+        """The spec recorded in an image's ``params`` (extra recorded keys, like the parsed prompt, ignored)."""
+        return cls(**{name: params[name] for name in _SPEC_FIELDS if name in params})
+
+    def recorded(self) -> dict[str, Any]:
+        """What the image record keeps: the spec, plus the parsed form of prompts that use weighting syntax."""
+        params = self.params()
+        for field in ("prompt", "negative_prompt"):
+            parsed = _parsed(params[field])
+            if parsed is not None:
+                params[f"{field}_parsed"] = parsed
+        return params
 
     def params(self) -> dict[str, Any]:
         # by hand: dataclasses.asdict deep-copies and costs ~50 µs an image on a 100k campaign
@@ -84,6 +123,13 @@ class ImageSpec:
 
 
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(ImageSpec))
+
+
+@functools.lru_cache(maxsize=4096)  # a campaign repeats each prompt across its sweeps
+def _parsed(text: str) -> list[dict[str, Any]] | None:
+    from farm import prompt_syntax
+
+    return prompt_syntax.describe(text) if text and prompt_syntax.has_syntax(text) else None
 
 
 @dataclass
@@ -122,16 +168,45 @@ def _size(name: str, value: Any, settings: Settings, index: int | None) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class PreparedInputs:
+    """The request's input images, already checked by ``farm.images.prepare_image``."""
+
+    init: Any = None  # PreparedImage
+    mask: Any = None
+
+
 def check_request(
-    request: GenerationRequest | Mapping[str, Any], settings: Settings, *, index: int | None = None
+    request: GenerationRequest | Mapping[str, Any],
+    settings: Settings,
+    *,
+    index: int | None = None,
+    inputs: PreparedInputs | None = None,
 ) -> CheckedRequest:
     """Validate ``request`` against ``settings`` and expand it into one ImageSpec per image.
 
-    Raises :class:`~farm.errors.ValidationError` naming the field, the value and the limit.
+    ``inputs`` carries the request's checked init image and mask (the client reads and checks them
+    first); a request naming an image without them is refused. Raises
+    :class:`~farm.errors.ValidationError` naming the field, the value and the limit.
     """
     if not isinstance(request, GenerationRequest):
         request = GenerationRequest.from_dict(request, index=index)
     limits = settings.limits
+    inputs = inputs or PreparedInputs()
+    conditioning = _conditioning(request, inputs, index)
+    if inputs.init is not None:
+        from farm.images import output_size
+
+        default_w, default_h = output_size(inputs.init.width, inputs.init.height)
+        request = dataclasses.replace(
+            request,
+            width=default_w if request.width is None else request.width,
+            height=default_h if request.height is None else request.height,
+        )
+    else:
+        request = dataclasses.replace(
+            request, width=512 if request.width is None else request.width, height=512 if request.height is None else request.height
+        )
 
     prompt = _text("prompt", request.prompt, limits.max_prompt_chars, index)
     negative = _text("negative_prompt", request.negative_prompt or "", limits.max_prompt_chars, index)
@@ -166,6 +241,9 @@ def check_request(
             "model", model, f"unknown model; valid names: {', '.join(sorted(settings.models))}", index=index
         )
 
+    clip_skip = _int("clip_skip", request.clip_skip, 1, 2, index)
+    _check_prompt_syntax(prompt, "prompt", index)
+    _check_prompt_syntax(negative, "negative_prompt", index)
     seeds = _seeds(request, limits.max_num_images, index)
     images = [
         ImageSpec(
@@ -179,6 +257,8 @@ def check_request(
             scheduler=scheduler,
             model=model,
             request_index=index or 0,
+            clip_skip=clip_skip,
+            **conditioning,
         )
         for seed in seeds
     ]
@@ -216,3 +296,59 @@ def _seeds(request: GenerationRequest, max_images: int, index: int | None) -> li
                 index=index,
             )
     return [first + i for i in range(count)]
+
+
+def _check_prompt_syntax(text: str, field: str, index: int | None) -> None:
+    from farm import prompt_syntax
+
+    try:
+        prompt_syntax.check(text)
+    except ValidationError as exc:
+        raise ValidationError(field, exc.value, exc.limit, index=index) from None
+
+
+def _conditioning(request: GenerationRequest, inputs: PreparedInputs, index: int | None) -> dict[str, Any]:
+    """Mode, input keys and image options of a request (txt2img when it names no image)."""
+    from farm.images import RESIZE_MODES
+
+    if request.init_image is None:
+        if request.mask is not None:
+            raise ValidationError("mask", "given", "needs an init_image to inpaint", index=index)
+        for name, default in (("strength", None), ("mask_blur", 0), ("paste_back", False), ("resize_mode", "resize")):
+            if getattr(request, name) != default:
+                raise ValidationError(name, getattr(request, name), "only applies with an init_image", index=index)
+        return {}
+    if inputs.init is None:
+        raise ValidationError(
+            "init_image", "not uploaded", "submit it through Farm.submit/submit_many or `farm submit --init-image`", index=index
+        )
+    mode = "inpaint" if request.mask is not None else "img2img"
+    strength = request.strength if request.strength is not None else (1.0 if mode == "inpaint" else 0.75)
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise ValidationError("strength", strength, "must be a number between 0 and 1", index=index)
+    if request.resize_mode not in RESIZE_MODES:
+        raise ValidationError("resize_mode", request.resize_mode, f"must be one of {', '.join(RESIZE_MODES)}", index=index)
+    mask_blur = _int("mask_blur", request.mask_blur, 0, 64, index)
+    if not isinstance(request.paste_back, bool):
+        raise ValidationError("paste_back", request.paste_back, "must be true or false", index=index)
+    if mode == "inpaint":
+        if inputs.mask is None:
+            raise ValidationError("mask", "not uploaded", "submit it through Farm.submit/submit_many", index=index)
+        if (inputs.mask.width, inputs.mask.height) != (inputs.init.width, inputs.init.height):
+            raise ValidationError(
+                "mask",
+                f"{inputs.mask.width}x{inputs.mask.height}",
+                f"must be the init image's size, {inputs.init.width}x{inputs.init.height}",
+                index=index,
+            )
+    elif mask_blur or request.paste_back:
+        raise ValidationError("mask_blur" if mask_blur else "paste_back", mask_blur or True, "only applies with a mask", index=index)
+    return {
+        "mode": mode,
+        "init_image_key": inputs.init.key,
+        "mask_key": inputs.mask.key if inputs.mask is not None else None,
+        "strength": float(strength),
+        "resize_mode": request.resize_mode,
+        "mask_blur": mask_blur,
+        "paste_back": request.paste_back,
+    }

@@ -92,7 +92,7 @@ def record_submission(
             "width": spec.width,
             "height": spec.height,
             "scheduler": spec.scheduler,
-            "params": spec.params(),
+            "params": spec.recorded(),
             "status": Status.queued.value,
             "attempts": 0,
             "task_id": task_of[image_id],

@@ -20,10 +20,11 @@ from farm import claims
 from farm.celery_app import RENDER_TASK
 from farm.errors import ModelLoadError, RenderError, StorageError
 from farm.keys import image_key
-from farm.pnginfo import a1111_parameters, encode_png
+from farm.pnginfo import a1111_extra, a1111_parameters, encode_png
 from farm.records import ImageRecord
 from farm.settings import Settings
 from farm.spec import ImageSpec
+from workers.inputs import InputError
 
 log = logging.getLogger("farm.worker")
 
@@ -43,6 +44,7 @@ class WorkerContext:
     _sessions: Any = None
     _storage: Any = None
     _model: Any = None
+    _inputs: Any = None
 
     @property
     def sessions(self):
@@ -59,6 +61,14 @@ class WorkerContext:
 
             self._storage = open_storage(self.settings)
         return self._storage
+
+    @property
+    def inputs(self):
+        if self._inputs is None:
+            from workers.inputs import InputCache
+
+            self._inputs = InputCache(self.storage, self.settings.data_dir / "cache" / "inputs")
+        return self._inputs
 
     @property
     def model(self):
@@ -83,6 +93,7 @@ class WorkerContext:
         """In a fresh pool process: drop inherited connections, load the pipeline once."""
         self._sessions = None
         self._storage = None
+        self._inputs = None
         try:
             self.model  # noqa: B018 - load now, not inside the first task
         except ModelLoadError:
@@ -125,27 +136,32 @@ def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str)
         )
     if not claim.images:
         return {"rendered": 0, "held_elsewhere": len(claim.held_elsewhere)}
-    specs = [ImageSpec(**image.params) for image in claim.images]
+    specs = [ImageSpec.from_params(image.params) for image in claim.images]
 
-    # 3. render, renewing the lease and reporting progress; stop if every image was canceled
+    # 3. fetch each image's inputs; an image whose stored input is missing or corrupt fails alone
+    images, specs, conditions = _fetch_inputs(ctx, claim, specs)
+    if not images:
+        return {"rendered": 0, "failed": len(claim.images)}
+
+    # 4. render, renewing the lease and reporting progress; stop if every image was canceled
     try:
-        batch = _render(task, ctx, claim, specs)
+        batch = _render(task, ctx, claim, specs, conditions)
     except (RenderError, ModelLoadError, ValueError) as exc:
-        claims.record_failure(ctx.sessions, claim.token, [i.id for i in claim.images], f"{type(exc).__name__}: {exc}")
+        claims.record_failure(ctx.sessions, claim.token, [i.id for i in images], f"{type(exc).__name__}: {exc}")
         log.warning("batch of %d failed: %s", len(specs), exc)
         return {"rendered": 0, "failed": len(specs)}
     except RuntimeError as exc:  # CUDA out of memory, a kernel error…: this batch fails, the worker goes on
-        claims.record_failure(ctx.sessions, claim.token, [i.id for i in claim.images], f"{type(exc).__name__}: {exc}")
+        claims.record_failure(ctx.sessions, claim.token, [i.id for i in images], f"{type(exc).__name__}: {exc}")
         log.exception("batch of %d failed", len(specs))
         return {"rendered": 0, "failed": len(specs)}
     if batch.interrupted:
         return {"rendered": 0, "canceled": len(specs)}
 
-    # 4. upload each PNG with its parameters, then record it (upload first: a record never points nowhere)
+    # 5. upload each PNG with its parameters, then record it (upload first: a record never points nowhere)
     recorded = 0
     seconds_each = batch.seconds / len(specs)
     try:
-        for image, spec, result in zip(claim.images, specs, batch.images):
+        for image, spec, result in zip(images, specs, batch.images):
             key = _upload(ctx, image, spec, result)
             recorded += claims.record_success(
                 ctx.sessions,
@@ -165,7 +181,29 @@ def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str)
     return {"rendered": recorded, "seconds": round(batch.seconds, 3)}
 
 
-def _render(task: Task, ctx: WorkerContext, claim: claims.Claim, specs: list[ImageSpec]):
+def _fetch_inputs(ctx: WorkerContext, claim: claims.Claim, specs: list[ImageSpec]):
+    """The init images and masks of the claimed images, from the worker's cache or storage."""
+    from workers.render import Conditioning
+
+    images, kept, conditions = [], [], []
+    for image, spec in zip(claim.images, specs):
+        try:
+            conditions.append(
+                Conditioning(
+                    init=ctx.inputs.image(spec.init_image_key) if spec.init_image_key else None,
+                    mask=ctx.inputs.image(spec.mask_key) if spec.mask_key else None,
+                )
+            )
+        except (StorageError, InputError) as exc:
+            claims.record_failure(ctx.sessions, claim.token, [image.id], f"{type(exc).__name__}: {exc}")
+            log.warning("image %s: %s", image.id, exc)
+            continue
+        images.append(image)
+        kept.append(spec)
+    return images, kept, conditions
+
+
+def _render(task: Task, ctx: WorkerContext, claim: claims.Claim, specs: list[ImageSpec], conditions):
     from workers.render import render_batch
 
     settings = ctx.settings
@@ -183,12 +221,14 @@ def _render(task: Task, ctx: WorkerContext, claim: claims.Claim, specs: list[Ima
             return claims.heartbeat(ctx.sessions, claim.token, settings.claim_lease_seconds) > 0
         return True
 
-    return render_batch(ctx.model, specs, base_scheduler_config=ctx.model.scheduler_config, on_step=on_step)
+    return render_batch(
+        ctx.model, specs, base_scheduler_config=ctx.model.scheduler_config, conditions=conditions, on_step=on_step
+    )
 
 
 def _upload(ctx: WorkerContext, image: ImageRecord, spec: ImageSpec, result) -> str:
     model = ctx.model
-    parameters = a1111_parameters(spec.params(), model_name=spec.model, model_hash=model.hash)
+    parameters = a1111_parameters(spec.params(), model_name=spec.model, model_hash=model.hash, extra=a1111_extra(spec))
     full_spec = {
         **spec.params(),
         "image_id": image.id,

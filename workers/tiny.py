@@ -98,7 +98,7 @@ def tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: i for i, token in enumerate(tokens)}, list(ranks)
 
 
-def _build_pipeline(seed: int):
+def _build_pipeline(seed: int, in_channels: int = 4):
     """Construct the random pipeline in memory (imports the heavy libraries only when called)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -113,7 +113,7 @@ def _build_pipeline(seed: int):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
             sample_size=8,  # 8 latent px * vae factor 8 = 64 px default image
-            in_channels=4,
+            in_channels=in_channels,  # 9: the sd-v1-5-inpainting layout (latents + mask + masked image)
             out_channels=4,
             block_out_channels=(32, 64),
             layers_per_block=2,
@@ -188,13 +188,14 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def make_tiny(path: Path, *, seed: int = 0) -> Path:
+def make_tiny(path: Path, *, seed: int = 0, in_channels: int = 4) -> Path:
     """Write the tiny random SD1.x pipeline to ``path`` (diffusers format, safetensors only).
 
     Returns ``path``. If it already holds a complete model it is returned untouched. Otherwise the
     pipeline is built in a temporary folder next to ``path`` and renamed into place, so readers never
     see a half-written model; an exclusive lock on ``path.with_suffix('.lock')`` makes concurrent
     builders (several workers starting at once) build it once. Same ``seed`` -> bit-identical weights.
+    ``in_channels=9`` builds an inpainting model (the sd-v1-5-inpainting UNet layout).
     """
     path = Path(path)
     if is_complete(path):
@@ -212,7 +213,7 @@ def make_tiny(path: Path, *, seed: int = 0) -> Path:
             path.rmdir()
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
         try:
-            _build_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+            _build_pipeline(seed, in_channels).save_pretrained(tmp, safe_serialization=True)
             tmp.chmod(0o755)  # mkdtemp makes it 0700; other users' workers may share the folder
             os.replace(tmp, path)
         except BaseException:

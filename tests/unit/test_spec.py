@@ -308,6 +308,14 @@ def test_resolved_spec_carries_every_parameter(settings: Settings) -> None:
         "scheduler": "dpmpp_2m",
         "model": "tiny",
         "request_index": 2,
+        "mode": "txt2img",
+        "init_image_key": None,
+        "mask_key": None,
+        "strength": None,
+        "resize_mode": "resize",
+        "mask_blur": 0,
+        "paste_back": False,
+        "clip_skip": 1,
     }
     assert isinstance(image.guidance_scale, float)
 
@@ -324,3 +332,15 @@ def test_custom_limits_are_honoured(tmp_path: Path) -> None:
             check_request(_request(**{"steps": 5, "width": 128, "height": 128, **fields}), settings)
         assert caught.value.field == field
         assert limit_part in caught.value.limit
+
+
+def test_the_parsed_form_of_weighted_prompts_is_recorded(settings: Settings) -> None:
+    (image,) = check_request(_request(prompt="a (red:1.3) cube", negative_prompt="[blurry]"), settings).images
+    recorded = image.recorded()
+    assert recorded["prompt_parsed"] == [
+        {"text": "a ", "weight": 1.0}, {"text": "red", "weight": 1.3}, {"text": " cube", "weight": 1.0}
+    ]
+    assert recorded["negative_prompt_parsed"][0]["text"] == "blurry"
+    (plain,) = check_request(_request(prompt="a red cube"), settings).images
+    assert "prompt_parsed" not in plain.recorded()
+    assert ImageSpec.from_params(recorded) == image  # the worker reads the spec back, extras ignored
