@@ -78,9 +78,10 @@ def main() -> None:
 @click.option("--mask-blur", type=int, default=0, show_default=True, help="Inpainting: blur the mask edge (pixels).")
 @click.option("--paste-back", is_flag=True, help="Inpainting: keep the unmasked original pixels exactly.")
 @click.option("--clip-skip", type=int, default=1, show_default=True, help="1 or 2, as A1111's Clip skip.")
+@click.option("--lora", "loras", multiple=True, help="NAME[:WEIGHT] of a registered LoRA (repeatable).")
 @handles_errors
 def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, width, height, scheduler, model, file_,
-           label, init_image, mask, strength, resize_mode, mask_blur, paste_back, clip_skip):
+           label, init_image, mask, strength, resize_mode, mask_blur, paste_back, clip_skip, loras):
     """Validate and queue a request; print the submission id."""
     if file_ is not None:
         if prompt is not None:
@@ -110,6 +111,7 @@ def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, wid
                 "mask_blur": mask_blur,
                 "paste_back": paste_back,
                 "clip_skip": clip_skip,
+                "loras": [_lora_ref(item) for item in loras] or None,
             }
         ]
         lines = ()
@@ -121,6 +123,14 @@ def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, wid
                 raise exc.at(f"{file_.name} line {lines[exc.index]}") from None
             raise
         click.echo(job.id)
+
+
+def _lora_ref(item: str) -> dict:
+    name, _, weight = item.rpartition(":") if ":" in item else (item, "", "")
+    try:
+        return {"name": name, "weight": float(weight) if weight else 1.0}
+    except ValueError:
+        raise ValidationError("--lora", item, "must be NAME or NAME:WEIGHT, e.g. ink:0.8") from None
 
 
 def _read_jsonl(path: Path):
@@ -300,6 +310,41 @@ def campaign_sheet(name, out, sample):
     """A contact sheet (grid PNG with prompts) of a sample of the campaign."""
     with _farm() as farm:
         click.echo(str(farm.campaign(name).contact_sheet(out, sample=sample)))
+
+
+@main.group()
+def lora() -> None:
+    """The LoRA registry: safetensors files stored once by sha256, named for jobs."""
+
+
+@lora.command("add")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", required=True, help="The name jobs use: loras=[{\"name\": NAME, \"weight\": 0.8}].")
+@handles_errors
+def lora_add(file, name):
+    """Check FILE (safetensors; diffusers or kohya layout; layers of a known base), upload, register."""
+    with _farm() as farm:
+        record = farm.add_lora(file, name)
+    click.echo(f"{record.name}: {record.sha256} ({record.format}, fits {record.base}, {record.layers} layers, {record.size} bytes)")
+
+
+@lora.command("list")
+@handles_errors
+def lora_list():
+    """Registered LoRAs."""
+    with _farm() as farm:
+        for record in farm.list_loras():
+            click.echo(f"{record.name}\t{record.sha256}\t{record.format}\t{record.base}\t{record.size}")
+
+
+@lora.command("rm")
+@click.argument("name")
+@handles_errors
+def lora_rm(name):
+    """Forget a name (the stored file stays for other names and past images)."""
+    with _farm() as farm:
+        farm.remove_lora(name)
+    click.echo(f"removed {name}")
 
 
 @main.group()

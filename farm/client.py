@@ -91,6 +91,10 @@ class ImageResult:
     gpu_seconds: float | None
     prompt_tokens: int | None
     prompt_truncated: bool | None
+    #: what the worker recorded: model hash, device, batch size, and each LoRA with how it was
+    #: served ("cache": already loaded, "disk": the worker's disk cache, "download": from storage)
+    info: dict | None = None
+    loras: list | None = None  # [[sha256, weight], …] as requested
 
     def metadata(self) -> dict[str, Any]:
         """The image's parameters as one JSON-ready dict (the lines of ``metadata.jsonl``)."""
@@ -265,7 +269,7 @@ class Farm:
 
     def _prepare_inputs(self, request: Mapping[str, Any], index: int, cache: dict) -> PreparedInputs | None:
         """Read and check the request's init image and mask (no upload yet)."""
-        if not isinstance(request, Mapping) or (request.get("init_image") is None and request.get("mask") is None):
+        if not isinstance(request, Mapping) or all(request.get(k) is None for k in ("init_image", "mask", "loras")):
             return None
         found = {}
         for field, mode in (("init_image", "RGB"), ("mask", "L")):
@@ -276,7 +280,26 @@ class Farm:
             if ident not in cache:
                 cache[ident] = prepare_image(source, field=field, limits=self.settings.limits, mode=mode, index=index)
             found[field] = cache[ident]
-        return PreparedInputs(init=found.get("init_image"), mask=found.get("mask"))
+        from farm import loras
+
+        resolved = loras.resolve(self, request.get("loras"), index=index) if request.get("loras") else ()
+        return PreparedInputs(init=found.get("init_image"), mask=found.get("mask"), loras=resolved)
+
+    def add_lora(self, source: str | Path | bytes, name: str):
+        """Register a LoRA (safetensors, diffusers or kohya layout) under ``name``; see ``farm.loras``."""
+        from farm import loras
+
+        return loras.add(self, source, name)
+
+    def list_loras(self):
+        from farm import loras
+
+        return loras.listing(self)
+
+    def remove_lora(self, name: str) -> None:
+        from farm import loras
+
+        loras.remove(self, name)
 
     def submission(self, submission_id: str) -> Submission:
         with self.sessions() as session:
@@ -327,4 +350,6 @@ def _result(row: ImageRecord, storage: Storage) -> ImageResult:
         gpu_seconds=row.gpu_seconds,
         prompt_tokens=row.prompt_tokens,
         prompt_truncated=row.prompt_truncated,
+        info=row.info,
+        loras=row.params.get("loras") or [],
     )

@@ -95,6 +95,22 @@ class CampaignRecord(Base):
     priority: Mapped[int] = mapped_column(Integer, default=6)
 
 
+class LoraRecord(Base):
+    """A registered LoRA: a name for a safetensors file stored once under its sha256."""
+
+    __tablename__ = "loras"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    format: Mapped[str] = mapped_column(String(16))  # diffusers | kohya
+    base: Mapped[str] = mapped_column(String(128))  # the architecture it fits: sd1, or a model's name
+    layers: Mapped[int] = mapped_column(Integer)
+    storage_key: Mapped[str] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class SubmissionRecord(Base):
     """One call of ``submit``/``submit_many``: a group of images the user follows together."""
 

@@ -48,6 +48,8 @@ class Limits(BaseModel):
     max_input_bytes: int = 25 * 1024 * 1024
     max_input_pixels: int = 4096 * 4096
     min_input_side: int = 16
+    #: LoRA files accepted at registration.
+    max_lora_bytes: int = 512 * 1024 * 1024
     #: A campaign's input × sweeps may not expand past this many images.
     max_campaign_images: int = 5_000_000
 
@@ -92,6 +94,17 @@ class Settings(BaseSettings):
     task_time_limit: int = Field(default=3 * 3600, ge=10)
     #: Infrastructure failures (database, storage) retried this many times before images fail.
     max_retries: int = Field(default=5, ge=0)
+
+    # -- LoRA ---------------------------------------------------------------------------------
+    #: Worker disk cache of LoRA files: total size, and free disk space it always leaves.
+    lora_cache_bytes: int = Field(default=20 * 1024**3, ge=0)
+    lora_min_free_bytes: int = Field(default=5 * 1024**3, ge=0)
+    #: Adapters a worker keeps loaded in its pipeline (least recently used unloaded past it).
+    lora_max_loaded: int = Field(default=8, ge=1)
+    #: A LoRA batch goes to a warm worker's own queue while fewer than this many tasks wait there.
+    affinity_max_backlog: int = Field(default=2, ge=1)
+    #: Seconds a worker's advert of its loaded adapters lives in Redis without renewal.
+    advert_ttl: int = Field(default=120, ge=5)
 
     # -- storage --------------------------------------------------------------------------------
     #: S3 endpoint for MinIO/R2/moto; boto3 also honours ``AWS_ENDPOINT_URL_S3``.

@@ -49,6 +49,8 @@ class GenerationRequest:
     paste_back: bool = False
     #: 1 = the text encoder's last layer, 2 = the one before (as A1111's "Clip skip")
     clip_skip: int = 1
+    #: registered LoRAs: [{"name": "ink", "weight": 0.8}, {"sha256": "…", "weight": 0.5}]
+    loras: list[Any] | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, index: int | None = None) -> "GenerationRequest":
@@ -93,6 +95,8 @@ class ImageSpec:
     mask_blur: int = 0
     paste_back: bool = False
     clip_skip: int = 1
+    #: ((sha256, weight), …), sorted: part of the batch key, so different sets never share a batch
+    loras: tuple = ()
 
     @property
     def batch_key(self) -> tuple:
@@ -100,13 +104,15 @@ class ImageSpec:
         and its own init image and mask."""
         return (
             self.model, self.mode, self.width, self.height, self.steps, self.scheduler, self.guidance_scale,
-            self.strength, self.resize_mode, self.mask_blur, self.paste_back, self.clip_skip,
+            self.strength, self.resize_mode, self.mask_blur, self.paste_back, self.clip_skip, self.loras,
         )
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "ImageSpec":
         """The spec recorded in an image's ``params`` (extra recorded keys, like the parsed prompt, ignored)."""
-        return cls(**{name: params[name] for name in _SPEC_FIELDS if name in params})
+        fields = {name: params[name] for name in _SPEC_FIELDS if name in params}
+        fields["loras"] = tuple((str(sha), float(weight)) for sha, weight in fields.get("loras") or ())
+        return cls(**fields)
 
     def recorded(self) -> dict[str, Any]:
         """What the image record keeps: the spec, plus the parsed form of prompts that use weighting syntax."""
@@ -174,6 +180,7 @@ class PreparedInputs:
 
     init: Any = None  # PreparedImage
     mask: Any = None
+    loras: tuple = ()  # ((sha256, weight), …) resolved from the registry
 
 
 def check_request(
@@ -242,6 +249,8 @@ def check_request(
         )
 
     clip_skip = _int("clip_skip", request.clip_skip, 1, 2, index)
+    if request.loras and not inputs.loras:
+        raise ValidationError("loras", request.loras, "must be resolved against the registry (submit through Farm)", index=index)
     _check_prompt_syntax(prompt, "prompt", index)
     _check_prompt_syntax(negative, "negative_prompt", index)
     seeds = _seeds(request, limits.max_num_images, index)
@@ -258,6 +267,7 @@ def check_request(
             model=model,
             request_index=index or 0,
             clip_skip=clip_skip,
+            loras=inputs.loras,
             **conditioning,
         )
         for seed in seeds

@@ -34,11 +34,18 @@ class Batch:
     model: str
     image_ids: tuple[str, ...]
     label: str  # what Flower shows beside the task name
+    loras: tuple[str, ...] = ()  # sha256s its images use (for affinity routing)
+    queue: str | None = None  # a warm worker's own queue; None: the model's shared queue
 
     @classmethod
     def of(cls, task_id: str, image_ids: Sequence[str], spec: ImageSpec) -> "Batch":
         label = f"{len(image_ids)}× {spec.width}x{spec.height}, {spec.steps} steps, {spec.scheduler}, cfg {spec.guidance_scale}"
-        return cls(task_id=task_id, model=spec.model, image_ids=tuple(image_ids), label=label)
+        if spec.mode != "txt2img":
+            label += f", {spec.mode}"
+        if spec.loras:
+            label += f", {len(spec.loras)} LoRA(s)"
+        return cls(task_id=task_id, model=spec.model, image_ids=tuple(image_ids), label=label,
+                   loras=tuple(sha for sha, _ in spec.loras))
 
 
 class PublishError(FarmError):
@@ -150,6 +157,13 @@ def publish(
     """
     count = 0
     amqp = app.amqp
+    if any(batch.loras for batch in batches):
+        from dataclasses import replace
+
+        from farm.routing import Router
+
+        router = Router.for_settings(settings)
+        batches = [replace(b, queue=router.queue_for(b.model, b.loras)) if b.loras else b for b in batches]
     try:
         # Celery's own message format, published straight through kombu: send_task adds ~150 µs of
         # routing and signals per message, a third of a 100k campaign's submit time. kombu pipelines
@@ -167,7 +181,7 @@ def publish(
                 producer.publish(
                     message.body,
                     exchange="",
-                    routing_key=settings.queue_for(batch.model),
+                    routing_key=batch.queue or settings.queue_for(batch.model),
                     serializer="json",
                     headers=message.headers,
                     priority=priority,

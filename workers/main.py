@@ -16,6 +16,7 @@ import logging
 from celery.signals import worker_process_init
 
 from farm.celery_app import make_celery
+from farm.routing import own_queue
 from farm.settings import Settings
 from workers.tasks import WorkerContext, register
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         "worker",
         "--pool=prefork",
         "--concurrency=1",
-        f"--queues={settings.queue_for(args.model)}",
+        f"--queues={settings.queue_for(args.model)},{own_queue(settings, args.model, args.name)}",
         f"--hostname={args.name}",
         f"--loglevel={args.loglevel}",
         "--without-gossip",

@@ -25,6 +25,7 @@ from farm.records import ImageRecord
 from farm.settings import Settings
 from farm.spec import ImageSpec
 from workers.inputs import InputError
+from workers.lora_cache import LoraError
 
 log = logging.getLogger("farm.worker")
 
@@ -45,6 +46,8 @@ class WorkerContext:
     _storage: Any = None
     _model: Any = None
     _inputs: Any = None
+    _lora_files: Any = None
+    _adapters: Any = None
 
     @property
     def sessions(self):
@@ -71,6 +74,27 @@ class WorkerContext:
         return self._inputs
 
     @property
+    def lora_files(self):
+        if self._lora_files is None:
+            from workers.lora_cache import LoraDiskCache
+
+            self._lora_files = LoraDiskCache(
+                self.storage,
+                self.settings.data_dir / "cache" / "loras",
+                max_bytes=self.settings.lora_cache_bytes,
+                min_free_bytes=self.settings.lora_min_free_bytes,
+            )
+        return self._lora_files
+
+    @property
+    def adapters(self):
+        if self._adapters is None:
+            from workers.adapters import AdapterSet
+
+            self._adapters = AdapterSet(self.model.pipe, max_loaded=self.settings.lora_max_loaded)
+        return self._adapters
+
+    @property
     def model(self):
         if self._model is None:
             from workers.pipeline import load_pipeline
@@ -94,6 +118,7 @@ class WorkerContext:
         self._sessions = None
         self._storage = None
         self._inputs = None
+        self._lora_files = None
         try:
             self.model  # noqa: B018 - load now, not inside the first task
         except ModelLoadError:
@@ -143,7 +168,17 @@ def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str)
     if not images:
         return {"rendered": 0, "failed": len(claim.images)}
 
-    # 4. render, renewing the lease and reporting progress; stop if every image was canceled
+    # 4. the batch's LoRAs: from the pipeline (cache), the worker's disk, or storage (download)
+    try:
+        lora_report = _activate_loras(ctx, specs[0].loras)
+    except (LoraError, StorageError) as exc:
+        claims.record_failure(ctx.sessions, claim.token, [i.id for i in images], f"{type(exc).__name__}: {exc}")
+        log.warning("batch of %d failed: %s", len(specs), exc)
+        return {"rendered": 0, "failed": len(specs)}
+    finally:
+        _advertise(task, ctx)
+
+    # 5. render, renewing the lease and reporting progress; stop if every image was canceled
     try:
         batch = _render(task, ctx, claim, specs, conditions)
     except (RenderError, ModelLoadError, ValueError) as exc:
@@ -157,7 +192,7 @@ def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str)
     if batch.interrupted:
         return {"rendered": 0, "canceled": len(specs)}
 
-    # 5. upload each PNG with its parameters, then record it (upload first: a record never points nowhere)
+    # 6. upload each PNG with its parameters, then record it (upload first: a record never points nowhere)
     recorded = 0
     seconds_each = batch.seconds / len(specs)
     try:
@@ -172,13 +207,42 @@ def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str)
                 prompt_tokens=result.prompt_tokens,
                 prompt_truncated=result.prompt_truncated,
                 model_path=str(ctx.model.path),
-                info={"model_hash": ctx.model.hash, "device": ctx.device, "batch_size": len(specs)},
+                info={"model_hash": ctx.model.hash, "device": ctx.device, "batch_size": len(specs), "loras": lora_report},
             )
     except (StorageError, OperationalError) as exc:
         # Not the images' fault: give them back and try the task again later.
         _release_quietly(ctx, claim.token, f"retrying after {type(exc).__name__}: {exc}")
         raise task.retry(exc=exc, countdown=_backoff(task))
     return {"rendered": recorded, "seconds": round(batch.seconds, 3)}
+
+
+def _activate_loras(ctx: WorkerContext, loras) -> list[dict]:
+    """Load (or reuse) the batch's adapters at their weights; report how each was served."""
+    if not loras and ctx._adapters is None:
+        return []  # never used LoRA in this process: nothing to switch off
+    from farm.keys import content_key
+
+    files = {}
+    for sha, _weight in loras:
+        files[sha] = ctx.lora_files.path(sha, content_key("loras", sha, "safetensors"))
+    served = ctx.adapters.activate([(sha, files[sha][0], weight) for sha, weight in loras])
+    return [
+        {"sha256": sha, "weight": weight, "served": "cache" if served.get(sha) == "cache" else files[sha][1]}
+        for sha, weight in loras
+    ]
+
+
+def _advertise(task: Task, ctx: WorkerContext) -> None:
+    """Tell submitters which adapters this worker holds (affinity routing); never fails the task."""
+    from farm.routing import advertise
+
+    if ctx._adapters is None:
+        return  # no LoRA served yet: nothing to advertise
+    try:
+        loaded = ctx._adapters.loaded()
+        advertise(ctx.settings, model=ctx.model_name, node=task.request.hostname or "worker", loras=loaded)
+    except Exception:  # Redis hiccup: routing falls back to the shared queue
+        log.debug("could not advertise adapters", exc_info=True)
 
 
 def _fetch_inputs(ctx: WorkerContext, claim: claims.Claim, specs: list[ImageSpec]):

@@ -136,6 +136,7 @@ def make_farm_env(
 ) -> Iterator[Callable[..., FarmEnv]]:
     """A factory: ``make_farm_env("servers" | "embedded", **extra FARM_ variables)``."""
     made: list[FarmEnv] = []
+    patch = pytest.MonkeyPatch()
 
     def make(kind: str, **extra: str) -> FarmEnv:
         tmp = tmp_path_factory.mktemp(f"farm-{kind}")
@@ -163,6 +164,9 @@ def make_farm_env(
                     "AWS_DEFAULT_REGION": "us-east-1",
                 }
             )
+            # the test process talks to S3 with the same dummy credentials as the workers
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+                patch.setenv(name, env[name])
             boto3.client(
                 "s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                 region_name="us-east-1",
@@ -182,3 +186,4 @@ def make_farm_env(
     yield make
     for farm_env in made:
         farm_env.stop_workers()
+    patch.undo()

@@ -1,0 +1,231 @@
+"""The LoRA registry: files checked at registration, stored once by content, referenced by jobs.
+
+A LoRA is accepted only as safetensors (read here from its JSON header alone: nothing is unpickled,
+no tensor is loaded), in the diffusers/peft layout (``unet.….lora_A.weight``) or the kohya/A1111
+layout (``lora_unet_…lora_down.weight`` with ``.alpha``), under a size cap, and only when its
+layers exist, with matching shapes, in a base architecture the farm knows: SD1.x (bundled table of
+module shapes) or one of the configured models whose folder is readable here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from sqlalchemy import select
+
+from farm.errors import NotFound, ValidationError
+from farm.keys import content_key
+from farm.records import LoraRecord, utcnow
+
+if TYPE_CHECKING:
+    from farm.client import Farm
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+SD1_TABLE = Path(__file__).parent / "data" / "sd1_modules.json"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    sha256: str
+    size: int
+    format: str  # diffusers | kohya
+    base: str  # the architecture it fits: "sd1" or a configured model's name
+    layers: int
+
+    @property
+    def key(self) -> str:
+        return content_key("loras", self.sha256, "safetensors")
+
+
+def _module_of(key: str) -> tuple[str, str] | None:
+    """``(normalised module name, part)`` of a LoRA tensor key, part in down/up/alpha; None if not LoRA."""
+    for suffix, part in ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"),
+                         (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+                         (".lora.down.weight", "down"), (".lora.up.weight", "up")):
+        if key.endswith(suffix):
+            module = key[: -len(suffix)]
+            break
+    else:
+        return None
+    if module.startswith("lora_unet_"):
+        return "unet_" + module[len("lora_unet_"):], part
+    if module.startswith("lora_te_"):
+        return "text_encoder_" + module[len("lora_te_"):].replace("text_model_", "", 1), part
+    module = module.replace(".text_model.", ".").replace(".processor.", ".")
+    for old, new in ((".to_q_lora", ".to_q"), (".to_k_lora", ".to_k"), (".to_v_lora", ".to_v"), (".to_out_lora", ".to_out.0")):
+        module = module.replace(old, new)
+    return module.replace(".", "_"), part
+
+
+def _header(data: bytes, label: str) -> dict[str, Any]:
+    if len(data) < 8:
+        raise ValidationError("lora", label, "is not a safetensors file (too short)")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > min(len(data) - 8, 100 * 1024 * 1024):
+        raise ValidationError("lora", label, "is not a safetensors file (bad header length)")
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValidationError("lora", label, "is not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValidationError("lora", label, "is not a safetensors file (header is not an object)")
+    header.pop("__metadata__", None)
+    return header
+
+
+def _tables(farm: "Farm") -> dict[str, dict[str, list[int]]]:
+    """Module shapes of the architectures a LoRA may fit: SD1.x, and each readable configured model."""
+    tables = {"sd1": {k.replace(".", "_"): v for k, v in json.loads(SD1_TABLE.read_text()).items()}}
+    settings = farm.settings
+    for name, location in settings.models.items():
+        folder = settings.models_dir / location.split(":", 1)[1] if location.startswith("builtin:") else Path(location)
+        table: dict[str, list[int]] = {}
+        for component in ("unet", "text_encoder"):
+            for weights in sorted((folder / component).glob("*.safetensors")) if folder.is_dir() else []:
+                with open(weights, "rb") as handle:
+                    (length,) = struct.unpack("<Q", handle.read(8))
+                    header = json.loads(handle.read(length))
+                for key, meta in header.items():
+                    if key.endswith(".weight") and isinstance(meta, dict) and len(meta.get("shape", [])) in (2, 4):
+                        module = f"{component}.{key[:-len('.weight')]}".replace(".text_model.", ".")
+                        table[module.replace(".", "_")] = meta["shape"][:2]
+        if table:
+            tables[name] = table
+    return tables
+
+
+def inspect(farm: "Farm", source: str | Path | bytes) -> LoraInfo:
+    """Check a LoRA file; raise :class:`~farm.errors.ValidationError` saying what is wrong."""
+    limits = farm.settings.limits
+    label = str(source) if isinstance(source, (str, Path)) else f"<{len(source)} bytes>"
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise ValidationError(
+                "lora", label, "is a pickle file: farm loads safetensors only and never unpickles; "
+                "convert it (e.g. load it yourself and save with safetensors.torch.save_file)"
+            )
+        if not path.is_file():
+            raise ValidationError("lora", label, "does not exist")
+        if path.stat().st_size > limits.max_lora_bytes:
+            raise ValidationError("lora", label, f"is {path.stat().st_size} bytes; at most {limits.max_lora_bytes} (FARM_LIMITS__MAX_LORA_BYTES)")
+        data = path.read_bytes()
+    else:
+        data = bytes(source)
+    if len(data) > limits.max_lora_bytes:
+        raise ValidationError("lora", label, f"is {len(data)} bytes; at most {limits.max_lora_bytes} (FARM_LIMITS__MAX_LORA_BYTES)")
+    if data[:2] == b"\x80\x02" or data[:4] == b"PK\x03\x04":
+        raise ValidationError("lora", label, "is a pickle/zip (torch.save) file: farm loads safetensors only and never unpickles")
+    header = _header(data, label)
+
+    modules: dict[str, dict[str, list[int]]] = {}
+    kohya = diffusers = False
+    for key, meta in header.items():
+        found = _module_of(key)
+        if found is None:
+            continue
+        module, part = found
+        kohya |= key.startswith(("lora_unet_", "lora_te_"))
+        diffusers |= not key.startswith(("lora_unet_", "lora_te_"))
+        modules.setdefault(module, {})[part] = meta.get("shape", []) if isinstance(meta, dict) else []
+    if not modules:
+        raise ValidationError(
+            "lora", label, "has no LoRA tensors (expected diffusers '….lora_A.weight' or kohya 'lora_unet_….lora_down.weight' keys)"
+        )
+    if kohya and diffusers:
+        raise ValidationError("lora", label, "mixes the kohya and diffusers key layouts")
+
+    fits = []
+    for base, table in _tables(farm).items():
+        if all(_fits(parts, table.get(module)) for module, parts in modules.items()):
+            fits.append(base)
+    if not fits:
+        sample = sorted(modules)[0]
+        raise ValidationError(
+            "lora", label, f"has layers that match no layer of a known base model (sd1, {', '.join(sorted(farm.settings.models))}): "
+            f"e.g. {sample!r} is missing or has another shape"
+        )
+    return LoraInfo(
+        sha256=hashlib.sha256(data).hexdigest(), size=len(data), format="kohya" if kohya else "diffusers",
+        base=fits[0], layers=len(modules),
+    )
+
+
+def _fits(parts: Mapping[str, list[int]], shape: list[int] | None) -> bool:
+    if shape is None:
+        return False
+    down, up = parts.get("down"), parts.get("up")
+    if not down or not up:
+        return False
+    return down[1] == shape[1] and up[0] == shape[0]
+
+
+def add(farm: "Farm", source: str | Path | bytes, name: str) -> LoraRecord:
+    """Check, upload (once, by content) and register a LoRA under ``name``."""
+    if not isinstance(name, str) or not NAME.match(name):
+        raise ValidationError("name", name, "must be 1–128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    info = inspect(farm, source)
+    with farm.sessions() as session:
+        if session.scalar(select(LoraRecord).where(LoraRecord.name == name)) is not None:
+            raise ValidationError("name", name, "is taken: `farm lora rm` it first, or pick another name")
+    data = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
+    if not farm.storage.exists(info.key):
+        farm.storage.put(info.key, data, content_type="application/octet-stream")
+    record = LoraRecord(
+        id=str(uuid.uuid4()), name=name, sha256=info.sha256, size=info.size, format=info.format, base=info.base,
+        layers=info.layers, storage_key=info.key, created_at=utcnow(),
+    )
+    with farm.sessions.begin() as session:
+        session.add(record)
+    return record
+
+
+def listing(farm: "Farm") -> list[LoraRecord]:
+    with farm.sessions() as session:
+        return list(session.scalars(select(LoraRecord).order_by(LoraRecord.name)))
+
+
+def remove(farm: "Farm", name: str) -> None:
+    """Forget a name (the stored file stays: other names or past images may refer to it)."""
+    with farm.sessions.begin() as session:
+        record = session.scalar(select(LoraRecord).where(LoraRecord.name == name))
+        if record is None:
+            raise NotFound(f"no LoRA named {name!r}: `farm lora list` shows them")
+        session.delete(record)
+
+
+def resolve(farm: "Farm", refs: Iterable[Any], *, index: int | None = None) -> tuple[tuple[str, float], ...]:
+    """``[{"name"|"sha256": …, "weight": w}, …]`` → ``((sha256, weight), …)``, refusing unknown ones."""
+    if refs is None:
+        return ()
+    if not isinstance(refs, (list, tuple)):
+        raise ValidationError("loras", refs, 'must be a list like [{"name": "ink", "weight": 0.8}]', index=index)
+    resolved = []
+    with farm.sessions() as session:
+        for n, ref in enumerate(refs):
+            where = f"loras[{n}]"
+            if isinstance(ref, str):
+                ref = {"name": ref}
+            if not isinstance(ref, Mapping) or not ({"name", "sha256"} & set(ref)):
+                raise ValidationError(where, ref, 'must be {"name": …, "weight": …} or {"sha256": …, "weight": …}', index=index)
+            weight = ref.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not -4.0 <= weight <= 4.0:
+                raise ValidationError(f"{where}.weight", weight, "must be a number between -4 and 4", index=index)
+            column = LoraRecord.name if "name" in ref else LoraRecord.sha256
+            value = ref.get("name", ref.get("sha256"))
+            record = session.scalar(select(LoraRecord).where(column == value).limit(1))
+            if record is None:
+                known = ", ".join(session.scalars(select(LoraRecord.name).order_by(LoraRecord.name).limit(20)))
+                raise ValidationError(where, value, f"is not a registered LoRA (known: {known or 'none'}); `farm lora add FILE --name NAME`", index=index)
+            resolved.append((record.sha256, float(weight)))
+    if len({sha for sha, _ in resolved}) != len(resolved):
+        raise ValidationError("loras", refs, "names the same LoRA twice", index=index)
+    return tuple(sorted(resolved))
