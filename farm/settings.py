@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     #: Infrastructure failures (database, storage) retried this many times before images fail.
     max_retries: int = Field(default=5, ge=0)
 
+    #: CPU threads torch may use in a worker process (default: torch's own choice). Set it when
+    #: several CPU workers share a machine, e.g. cores / processes.
+    torch_threads: int | None = Field(default=None, ge=1)
+
     # -- LoRA ---------------------------------------------------------------------------------
     #: Worker disk cache of LoRA files: total size, and free disk space it always leaves.
     lora_cache_bytes: int = Field(default=20 * 1024**3, ge=0)

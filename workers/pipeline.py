@@ -75,6 +75,8 @@ class LoadedModel:
     #: The model's ORIGINAL scheduler config: every scheduler swap starts from it (see
     #: ``workers.schedulers.make_scheduler``), so options of one swap never leak into the next.
     scheduler_config: Mapping[str, Any] = field(default_factory=dict)
+    #: What ``workers.speed.optimize`` applied (channels_last, fuse_qkv, vae_slicing, compile…).
+    speed: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.scheduler_config:
@@ -211,8 +213,14 @@ def _use_sdpa(pipe: StableDiffusionPipeline) -> None:
             )
 
 
-def load_pipeline(name: str, location: str, *, models_dir: Path, device: str) -> LoadedModel:
+def load_pipeline(
+    name: str, location: str, *, models_dir: Path, device: str, speed: Mapping[str, Any] | None = None
+) -> LoadedModel:
     """Resolve, vet and load model ``name`` onto ``device`` (fp16 on CUDA, fp32 elsewhere).
+
+    ``speed``: keyword arguments for :func:`workers.speed.optimize` (channels_last, fuse_qkv,
+    vae_slicing, compile, compile_mode); a knob left out takes the device's default (all on for
+    CUDA except compile, all off on CPU).
 
     Raises :class:`ModelLoadError` with the reason when anything fails; no pickle is ever loaded.
     """
@@ -237,6 +245,12 @@ def load_pipeline(name: str, location: str, *, models_dir: Path, device: str) ->
         raise ModelLoadError(f"model {name!r}: cannot move it to {device!r}: {type(exc).__name__}: {exc}") from exc
     _use_sdpa(pipe)  # a no-op with diffusers' defaults; guards against a pipeline that reset them
     pipe.set_progress_bar_config(disable=True)
+    from workers.speed import optimize
+
+    try:
+        options = optimize(pipe, device=device, **dict(speed or {}))
+    except Exception as exc:
+        raise ModelLoadError(f"model {name!r}: cannot apply speed options {dict(speed or {})}: {type(exc).__name__}: {exc}") from exc
     return LoadedModel(
-        name=name, path=path, hash=model_hash(path), pipe=pipe, device=device, dtype=dtype
+        name=name, path=path, hash=model_hash(path), pipe=pipe, device=device, dtype=dtype, speed=options.as_dict()
     )

@@ -33,6 +33,8 @@ log = logging.getLogger("farm.worker")
 MAX_ATTEMPTS = 3
 #: Seconds between progress events a task sends (Flower shows the PROGRESS state).
 PROGRESS_EVERY = 0.25
+#: Threads that PNG-encode and upload a task's images while the task records the finished ones.
+UPLOAD_THREADS = 4
 
 
 @dataclass
@@ -91,6 +93,12 @@ class WorkerContext:
         if self._adapters is None:
             from workers.adapters import AdapterSet
 
+            from workers.speed import unfuse_qkv
+
+            # Fused q/k/v projections (workers.speed) would bypass the LoRA layers peft adds to
+            # to_q/to_k/to_v: go back to separate projections before the first adapter loads.
+            if unfuse_qkv(self.model.pipe):
+                log.info("unfused q/k/v projections: this worker serves LoRAs")
             self._adapters = AdapterSet(self.model.pipe, max_loaded=self.settings.lora_max_loaded)
         return self._adapters
 
@@ -115,6 +123,10 @@ class WorkerContext:
 
     def after_fork(self) -> None:
         """In a fresh pool process: drop inherited connections, load the pipeline once."""
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
         self._sessions = None
         self._storage = None
         self._inputs = None
@@ -192,23 +204,29 @@ def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str)
     if batch.interrupted:
         return {"rendered": 0, "canceled": len(specs)}
 
-    # 6. upload each PNG with its parameters, then record it (upload first: a record never points nowhere)
+    # 6. encode + upload the PNGs on a thread pool (with their parameters), and record each image once
+    #    its own upload finished (upload first: a record never points nowhere). Leaving the ``with``
+    #    waits for this task's uploads (on an error, queued ones are dropped), so none outlives the task.
+    from workers.uploader import Uploader
+
     recorded = 0
     seconds_each = batch.seconds / len(specs)
     try:
-        for image, spec, result in zip(images, specs, batch.images):
-            key = _upload(ctx, image, spec, result)
-            recorded += claims.record_success(
-                ctx.sessions,
-                claim.token,
-                image.id,
-                storage_key=key,
-                gpu_seconds=seconds_each,
-                prompt_tokens=result.prompt_tokens,
-                prompt_truncated=result.prompt_truncated,
-                model_path=str(ctx.model.path),
-                info={"model_hash": ctx.model.hash, "device": ctx.device, "batch_size": len(specs), "loras": lora_report},
-            )
+        with Uploader(ctx.storage, workers=UPLOAD_THREADS) as uploader:
+            uploads = [_upload(ctx, uploader, image, spec, result) for image, spec, result in zip(images, specs, batch.images)]
+            for image, result, upload in zip(images, batch.images, uploads):
+                key = upload.result()  # raises this image's StorageError (or encode error)
+                recorded += claims.record_success(
+                    ctx.sessions,
+                    claim.token,
+                    image.id,
+                    storage_key=key,
+                    gpu_seconds=seconds_each,
+                    prompt_tokens=result.prompt_tokens,
+                    prompt_truncated=result.prompt_truncated,
+                    model_path=str(ctx.model.path),
+                    info={"model_hash": ctx.model.hash, "device": ctx.device, "batch_size": len(specs), "loras": lora_report},
+                )
     except (StorageError, OperationalError) as exc:
         # Not the images' fault: give them back and try the task again later.
         _release_quietly(ctx, claim.token, f"retrying after {type(exc).__name__}: {exc}")
@@ -290,7 +308,8 @@ def _render(task: Task, ctx: WorkerContext, claim: claims.Claim, specs: list[Ima
     )
 
 
-def _upload(ctx: WorkerContext, image: ImageRecord, spec: ImageSpec, result) -> str:
+def _upload(ctx: WorkerContext, uploader, image: ImageRecord, spec: ImageSpec, result):
+    """Queue the image's PNG encode + upload on ``uploader``; the future resolves to its key."""
     model = ctx.model
     parameters = a1111_parameters(spec.params(), model_name=spec.model, model_hash=model.hash, extra=a1111_extra(spec))
     full_spec = {
@@ -300,11 +319,10 @@ def _upload(ctx: WorkerContext, image: ImageRecord, spec: ImageSpec, result) -> 
         "model_hash": model.hash,
         "model_path": str(model.path),
     }
-    data = encode_png(result.image, parameters=parameters, spec=full_spec)
     key = image_key(image.submission_id, image.id)
-    ctx.storage.put(
+    return uploader.submit(
         key,
-        data,
+        lambda: encode_png(result.image, parameters=parameters, spec=full_spec),  # runs in the pool
         content_type="image/png",
         metadata={
             "farm-image-id": image.id,
@@ -317,7 +335,6 @@ def _upload(ctx: WorkerContext, image: ImageRecord, spec: ImageSpec, result) -> 
             "farm-model-hash": model.hash,
         },
     )
-    return key
 
 
 def _release_quietly(ctx: WorkerContext, token: str, note: str) -> None:

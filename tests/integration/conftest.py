@@ -146,6 +146,7 @@ def make_farm_env(
             "FARM_DEFAULT_MODEL": "tiny",
             "FARM_QUEUE_PREFIX": f"farmtest{uuid.uuid4().hex[:8]}",
             "HF_HUB_OFFLINE": "1",
+            "FARM_TORCH_THREADS": "1",  # several worker processes share two cores
             "TOKENIZERS_PARALLELISM": "false",
         }
         if kind == "servers":
