@@ -316,6 +316,7 @@ def test_resolved_spec_carries_every_parameter(settings: Settings) -> None:
         "mask_blur": 0,
         "paste_back": False,
         "clip_skip": 1,
+        "loras": (),
     }
     assert isinstance(image.guidance_scale, float)
 
