@@ -318,7 +318,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile UNet + VAE decoder (warm-up included)")
     parser.add_argument("--compile-mode", default=None)
     parser.add_argument("--upload-threads", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU: shared CI cores)")
     args = parser.parse_args(argv)
     if args.tiny is None:
         args.tiny = not args.device.startswith("cuda")
@@ -330,6 +330,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.batches.insert(0, 1)
     args.images = args.images or (32 if full else 16)
     args.repeats = args.repeats or (3 if full else 2)
+    if args.threads is None and not args.device.startswith("cuda"):
+        args.threads = 1
     return args
 
 

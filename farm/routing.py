@@ -18,6 +18,11 @@ from typing import Iterable
 from farm.settings import Settings
 
 
+def routes(settings: Settings) -> bool:
+    """Whether this broker does affinity routing (Redis); the embedded broker uses shared queues only."""
+    return settings.broker.startswith(("redis://", "rediss://"))
+
+
 def own_queue(settings: Settings, model: str, node: str) -> str:
     """The queue only the worker ``node`` consumes (besides its model's shared queue)."""
     return f"{settings.queue_for(model)}.{node}"
@@ -28,7 +33,7 @@ def _advert_key(settings: Settings, model: str, node: str) -> str:
 
 
 def _redis(settings: Settings):
-    if not settings.broker.startswith(("redis://", "rediss://")):
+    if not routes(settings):
         return None
     import redis
 

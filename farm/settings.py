@@ -99,6 +99,17 @@ class Settings(BaseSettings):
     #: several CPU workers share a machine, e.g. cores / processes.
     torch_threads: int | None = Field(default=None, ge=1)
 
+    # -- render speed (workers.speed); None = on for CUDA, off on CPU --------------------------
+    render_channels_last: bool | None = None
+    #: fused q/k/v projections; a worker unfuses before its first LoRA (fusion drops LoRA weights)
+    render_fuse_qkv: bool | None = None
+    #: VAE decodes a batch one image at a time: lower peak memory, same pixels
+    render_vae_slicing: bool | None = None
+    #: torch.compile the UNet and VAE decoder, compiling ``render_warmup_sizes`` at worker start
+    render_compile: bool = False
+    render_compile_mode: str | None = None
+    render_warmup_sizes: str = "512x512"
+
     # -- LoRA ---------------------------------------------------------------------------------
     #: Worker disk cache of LoRA files: total size, and free disk space it always leaves.
     lora_cache_bytes: int = Field(default=20 * 1024**3, ge=0)

@@ -16,7 +16,7 @@ import logging
 from celery.signals import worker_process_init
 
 from farm.celery_app import make_celery
-from farm.routing import own_queue
+from farm.routing import own_queue, routes
 from farm.settings import Settings
 from workers.tasks import WorkerContext, register
 
@@ -50,11 +50,14 @@ def main(argv: list[str] | None = None) -> None:
     def _load_model(**_kwargs) -> None:
         context.after_fork()
 
+    queues = [settings.queue_for(args.model)]
+    if routes(settings):  # a queue of its own, for LoRA jobs routed to it while it is warm
+        queues.append(own_queue(settings, args.model, args.name))
     options = [
         "worker",
         "--pool=prefork",
         "--concurrency=1",
-        f"--queues={settings.queue_for(args.model)},{own_queue(settings, args.model, args.name)}",
+        f"--queues={','.join(queues)}",
         f"--hostname={args.name}",
         f"--loglevel={args.loglevel}",
         "--without-gossip",

@@ -36,6 +36,8 @@ log = logging.getLogger("farm.worker.speed")
 
 #: torch.compile mode used on CUDA unless another one is asked for.
 DEFAULT_COMPILE_MODE = "max-autotune-no-cudagraphs"
+#: Compiled shapes kept per function (torch._dynamo's ``recompile_limit`` is raised to at least this).
+COMPILE_SHAPE_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,11 @@ def optimize(
     mode = None
     if chosen["compile"]:
         mode = compile_mode or (DEFAULT_COMPILE_MODE if cuda else "default")
+        import torch._dynamo.config as dynamo
+
+        # dynamic=False: one graph per (batch, size); dynamo's default of 8 graphs per function
+        # would silently fall back to eager past 8 shapes (e.g. batches 1-8 at two sizes).
+        dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILE_SHAPE_LIMIT)
         if not getattr(pipe.unet, "_farm_compiled", False):
             pipe.unet.compile(mode=mode, fullgraph=False, dynamic=False)
             pipe.unet._farm_compiled = True

@@ -109,8 +109,16 @@ class WorkerContext:
 
             location = self.settings.models[self.model_name]
             started = time.perf_counter()
+            settings = self.settings
             self._model = load_pipeline(
-                self.model_name, location, models_dir=self.settings.models_dir, device=self.device
+                self.model_name, location, models_dir=settings.models_dir, device=self.device,
+                speed={
+                    "channels_last": settings.render_channels_last,
+                    "fuse_qkv": settings.render_fuse_qkv,
+                    "vae_slicing": settings.render_vae_slicing,
+                    "compile": settings.render_compile,
+                    "compile_mode": settings.render_compile_mode,
+                },
             )
             log.info(
                 "loaded model %s from %s on %s in %.1f s",
@@ -133,6 +141,15 @@ class WorkerContext:
         self._lora_files = None
         try:
             self.model  # noqa: B018 - load now, not inside the first task
+            if self.settings.render_compile:
+                from workers.speed import warmup
+
+                sizes = [
+                    tuple(int(v) for v in size.lower().split("x"))
+                    for size in self.settings.render_warmup_sizes.split(",")
+                    if size.strip()
+                ]
+                warmup(self._model.pipe, sizes, range(1, self.settings.max_batch_size + 1))
         except ModelLoadError:
             # Keep serving: each task then fails its images with this reason instead of the pool
             # process dying and respawning in a loop.
