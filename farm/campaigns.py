@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -22,6 +21,7 @@ from sqlalchemy import func, select, update
 
 from farm import submissions
 from farm.errors import NotFound, ValidationError
+from farm.progress import wait_until
 from farm.inputs import Row, combinations, parse_sweeps, read_rows, row_id
 from farm.records import CampaignRecord, CampaignState, ImageRecord, Status, SubmissionRecord, utcnow
 from farm.spec import ImageSpec, check_request
@@ -370,28 +370,15 @@ class Campaign:
 
     def wait(self, timeout: float | None = None, *, progress: bool = False, poll_interval: float = 1.0) -> CampaignStatus:
         """Block until nothing is queued or running (held images do not count)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        bar = None
-        try:
-            while True:
-                status = self.status()
-                if progress:
-                    if bar is None:
-                        from tqdm import tqdm
-
-                        bar = tqdm(total=status.total, desc=self.name, unit="img")
-                    bar.n = status.finished
-                    bar.refresh()
-                if status.counts["queued"] + status.counts["running"] == 0:
-                    return status
-                if deadline is not None and time.monotonic() > deadline:
-                    from farm.errors import WaitTimeout
-
-                    raise WaitTimeout(f"campaign {self.name}: {status.finished}/{status.total} after {timeout} s")
-                time.sleep(poll_interval)
-        finally:
-            if bar is not None:
-                bar.close()
+        return wait_until(
+            self.status,
+            lambda status: status.counts["queued"] + status.counts["running"] == 0,
+            timeout=timeout,
+            poll_interval=poll_interval,
+            progress=progress,
+            desc=self.name,
+            timed_out=lambda status: f"campaign {self.name}: {status.finished}/{status.total} after {timeout} s",
+        )
 
     def export(self, dest: str, *, fmt: str = "imagefolder", shard_size: int = 1000):
         """Write the finished images to ``dest`` (folder or s3:// prefix) as a dataset; see ``farm.export``."""

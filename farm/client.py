@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +22,8 @@ from sqlalchemy import select
 
 from farm import claims, db, submissions
 from farm.celery_app import make_celery
-from farm.errors import NotFound, ValidationError, WaitTimeout
+from farm.errors import NotFound, ValidationError
+from farm.progress import wait_until
 from farm.records import FINISHED, ImageRecord, Status, SubmissionRecord
 from farm.settings import Settings
 from farm.images import PreparedImage, prepare_image
@@ -125,29 +125,15 @@ class Submission:
 
         Raises :class:`~farm.errors.WaitTimeout` when ``timeout`` seconds pass first.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        bar = None
-        try:
-            while True:
-                status = self.status()
-                if progress:
-                    if bar is None:
-                        from tqdm import tqdm
-
-                        bar = tqdm(total=status.total, desc=self.id[:8], unit="img")
-                    bar.n = status.finished
-                    bar.set_postfix(
-                        {k: v for k, v in status.counts.items() if v and k != Status.succeeded.value}, refresh=False
-                    )
-                    bar.refresh()
-                if status.done:
-                    return status
-                if deadline is not None and time.monotonic() > deadline:
-                    raise WaitTimeout(f"{status} after {timeout} s; `farm wait {self.id}` goes on waiting")
-                time.sleep(poll_interval)
-        finally:
-            if bar is not None:
-                bar.close()
+        return wait_until(
+            self.status,
+            lambda status: status.done,
+            timeout=timeout,
+            poll_interval=poll_interval,
+            progress=progress,
+            desc=self.id[:8],
+            timed_out=lambda status: f"{status} after {timeout} s; `farm wait {self.id}` goes on waiting",
+        )
 
     def results(self) -> list[ImageResult]:
         storage = self._farm.storage

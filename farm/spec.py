@@ -117,10 +117,10 @@ class ImageSpec:
     def recorded(self) -> dict[str, Any]:
         """What the image record keeps: the spec, plus the parsed form of prompts that use weighting syntax."""
         params = self.params()
-        for field in ("prompt", "negative_prompt"):
-            parsed = _parsed(params[field])
+        for name in ("prompt", "negative_prompt"):
+            parsed = _parsed(params[name])
             if parsed is not None:
-                params[f"{field}_parsed"] = parsed
+                params[f"{name}_parsed"] = parsed
         return params
 
     def params(self) -> dict[str, Any]:

@@ -166,8 +166,8 @@ class FileStorage:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Sidecar first, so a new object never shows without its metadata (each file is
             # replaced atomically; the pair is not: an overwrite may briefly pair old data, new meta).
-            _atomic_write(self._meta_path(path), json.dumps(meta, sort_keys=True).encode())
-            _atomic_write(path, bytes(data))
+            atomic_write(self._meta_path(path), json.dumps(meta, sort_keys=True).encode())
+            atomic_write(path, bytes(data))
         except OSError as error:
             raise StorageError(
                 f"cannot write {key!r} to {path}: {error}; check the folder's permissions and free space"
@@ -216,7 +216,8 @@ class FileStorage:
             raise StorageError(f"cannot read metadata of {key!r} ({self._meta_path(path)}): {error}") from error
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -347,6 +347,19 @@ def training_caption(combo: tuple[str, str, str], rng: random.Random) -> str:
     return S.caption(*combo)
 
 
+OFFSET_NOISE = "3250:0.1,4500:0.3"
+
+
+def offset_noise_at(schedule: str, step: int) -> float:
+    """Offset-noise strength at ``step`` from a 'STEP:STRENGTH,...' schedule (0 before the first)."""
+    strength = 0.0
+    for item in filter(None, (x.strip() for x in schedule.split(","))):
+        start, value = item.split(":")
+        if step >= int(start):
+            strength = float(value)
+    return strength
+
+
 def min_snr_weights(scheduler, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
     ac = scheduler.alphas_cumprod.to(t.device)[t]
     snr = ac / (1 - ac)
@@ -411,11 +424,12 @@ def stage_unet(args) -> None:
         noise = torch.randn(x0.shape, generator=g).to(args.device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(x0),), generator=g).to(args.device)
         ids = tokenize(tokenizer, [training_caption(combos[i], rng) for i in idx.tolist()]).to(args.device)
-        if args.offset_noise and step >= args.offset_noise_start:
+        offset = offset_noise_at(args.offset_noise, step)
+        if offset:
             # offset noise: a random per-channel constant added to the noise, so the model cannot read
             # the image's flat colour (the latent's mean) off the noisy input at high t and must take
             # it from the caption (drawn last: the draws above stay the same with or without it)
-            noise = noise + args.offset_noise * torch.randn(len(x0), x0.shape[1], 1, 1, generator=g).to(args.device)
+            noise = noise + offset * torch.randn(len(x0), x0.shape[1], 1, 1, generator=g).to(args.device)
         lr = args.unet_lr * min(1.0, (step + 1) / 200)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -549,10 +563,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=5e-4)
     p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--offset-noise", type=float, default=0.1, help="offset-noise strength (0: off)")
-    p.add_argument("--offset-noise-start", type=int, default=3250,
-                   help="first UNet step with offset noise (the shipped run turned it on at 3250, after a "
-                        "diagnosis showed background colours following the noise; 0 for a fresh recipe)")
+    p.add_argument("--offset-noise", default=OFFSET_NOISE,
+                   help="offset-noise strength by UNet step, 'STEP:STRENGTH,...' (each from its step on; "
+                        "'0:0.3' for a clean recipe). The default is what the shipped run did: it was raised "
+                        "while training, after diagnoses showed image colours following the noise")
     p.add_argument("--lora-steps", type=int, default=300)
     p.add_argument("--lora-images", type=int, default=4000)
     p.add_argument("--lora-lr", type=float, default=1e-3)

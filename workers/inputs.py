@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from farm.errors import FarmError
-from farm.storage import Storage
+from farm.storage import Storage, atomic_write
 
 
 class InputError(FarmError):
@@ -39,10 +37,7 @@ class InputCache:
         if actual != expected:
             raise InputError(f"stored input {key} does not match its hash (got sha256 {actual[:12]}…): corrupt or altered")
         local.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=local.parent, prefix=".part-")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(temp, local)
+        atomic_write(local, data)
         return local
 
     def image(self, key: str) -> Image.Image:

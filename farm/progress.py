@@ -1,0 +1,47 @@
+"""Waiting on work with an optional progress bar: one loop for submissions and campaigns."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, TypeVar
+
+from farm.errors import WaitTimeout
+
+S = TypeVar("S")
+
+
+def wait_until(
+    read: Callable[[], S],
+    done: Callable[[S], bool],
+    *,
+    timeout: float | None,
+    poll_interval: float,
+    progress: bool,
+    desc: str,
+    timed_out: Callable[[S], str],
+) -> S:
+    """Poll ``read()`` until ``done(status)``; the status needs ``total``, ``finished`` and ``counts``.
+
+    Raises :class:`~farm.errors.WaitTimeout` with ``timed_out(status)`` when ``timeout`` passes first.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    bar: Any = None
+    try:
+        while True:
+            status = read()
+            if progress:
+                if bar is None:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=status.total, desc=desc, unit="img")
+                bar.n = status.finished
+                bar.set_postfix({k: v for k, v in status.counts.items() if v and k != "succeeded"}, refresh=False)
+                bar.refresh()
+            if done(status):
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise WaitTimeout(timed_out(status))
+            time.sleep(poll_interval)
+    finally:
+        if bar is not None:
+            bar.close()
