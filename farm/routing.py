@@ -3,9 +3,10 @@
 Each worker consumes its model's shared queue and a queue of its own, and advertises in Redis (with
 an expiry) which adapters it holds. A batch whose LoRAs are all loaded on some worker goes to that
 worker's own queue while the worker is not backed up (fewer than ``affinity_max_backlog`` tasks
-waiting there); otherwise, and for every batch without LoRAs, to the shared queue, where any worker
-takes it (and becomes warm for it). Only the Redis broker routes; the embedded broker always uses
-the shared queue.
+waiting there); a batch no worker is warm for goes to a worker with a free adapter slot (so it
+loads without evicting another's adapter); otherwise, and for every batch without LoRAs, to the
+shared queue, where any worker takes it. Only the Redis broker routes; the embedded broker always
+uses the shared queue.
 """
 
 from __future__ import annotations
@@ -41,11 +42,15 @@ def _redis(settings: Settings):
 
 
 def advertise(settings: Settings, *, model: str, node: str, loras: Iterable[str], client=None) -> None:
-    """Say (for ``advert_ttl`` seconds) which adapters ``node`` holds; workers call it after each task."""
+    """Say (for ``advert_ttl`` seconds) which adapters ``node`` holds and how many it can hold;
+    workers call it when they start and after each LoRA task."""
     client = client or _redis(settings)
     if client is None:
         return
-    body = json.dumps({"node": node, "queue": own_queue(settings, model, node), "loras": sorted(loras), "at": time.time()})
+    body = json.dumps({
+        "node": node, "queue": own_queue(settings, model, node), "loras": sorted(loras),
+        "capacity": settings.lora_max_loaded, "at": time.time(),
+    })
     client.set(_advert_key(settings, model, node), body, ex=settings.advert_ttl)
 
 
@@ -94,11 +99,26 @@ class Router:
         shared = self.settings.queue_for(model)
         if not wanted or self.client is None:
             return shared
-        candidates = [a for a in self.adverts(model) if wanted <= set(a["loras"])]
-        best = min(candidates, key=lambda a: self.backlog(a["queue"]), default=None)
-        if best is not None and self.backlog(best["queue"]) < self.settings.affinity_max_backlog:
-            self._sent[best["queue"]] = self._sent.get(best["queue"], 0) + 1
+        adverts = self.adverts(model)
+        warm = [a for a in adverts if wanted <= set(a["loras"])]
+        best = self._least_backed_up(warm)
+        if best is not None:
             self.warm += 1
-            return best["queue"]
+            return self._send(best, wanted)
         self.cold += 1
-        return shared
+        # cold: a worker with room for these adapters loads them without evicting another's
+        roomy = [a for a in adverts if len(set(a["loras"]) | wanted) <= a.get("capacity", 0)]
+        best = self._least_backed_up(roomy)
+        return self._send(best, wanted) if best is not None else shared
+
+    def _least_backed_up(self, adverts: list[dict]) -> dict | None:
+        best = min(adverts, key=lambda a: self.backlog(a["queue"]), default=None)
+        if best is not None and self.backlog(best["queue"]) < self.settings.affinity_max_backlog:
+            return best
+        return None
+
+    def _send(self, advert: dict, wanted: set[str]) -> str:
+        """Count the task against the worker's queue, and its adapters as the worker's (for this pass)."""
+        self._sent[advert["queue"]] = self._sent.get(advert["queue"], 0) + 1
+        advert["loras"] = sorted(set(advert["loras"]) | wanted)
+        return advert["queue"]

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = Settings()
     logging.basicConfig(level=args.loglevel, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
-    context = WorkerContext(settings=settings, model_name=args.model, device=args.device)
+    context = WorkerContext(settings=settings, model_name=args.model, device=args.device, node=args.name)
     app = make_celery(settings)
     register(app, context)
 

@@ -44,6 +44,7 @@ class WorkerContext:
     settings: Settings
     model_name: str
     device: str
+    node: str = "worker"  # the Celery node name, e.g. gpu0@host
     _sessions: Any = None
     _storage: Any = None
     _model: Any = None
@@ -154,6 +155,18 @@ class WorkerContext:
             # Keep serving: each task then fails its images with this reason instead of the pool
             # process dying and respawning in a loop.
             log.exception("model %s could not be loaded", self.model_name)
+            return
+        self.advertise()
+
+    def advertise(self) -> None:
+        """Tell submitters which adapters this worker holds (affinity routing); never fails a task."""
+        from farm.routing import advertise
+
+        try:
+            loaded = self._adapters.loaded() if self._adapters is not None else []
+            advertise(self.settings, model=self.model_name, node=self.node, loras=loaded)
+        except Exception:  # Redis hiccup: routing falls back to the shared queue
+            log.debug("could not advertise adapters", exc_info=True)
 
 
 def register(app: Celery, context: WorkerContext) -> Task:
@@ -205,7 +218,8 @@ def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str)
         log.warning("batch of %d failed: %s", len(specs), exc)
         return {"rendered": 0, "failed": len(specs)}
     finally:
-        _advertise(task, ctx)
+        if specs[0].loras:
+            ctx.advertise()
 
     # 5. render, renewing the lease and reporting progress; stop if every image was canceled
     try:
@@ -265,19 +279,6 @@ def _activate_loras(ctx: WorkerContext, loras) -> list[dict]:
         {"sha256": sha, "weight": weight, "served": "cache" if served.get(sha) == "cache" else files[sha][1]}
         for sha, weight in loras
     ]
-
-
-def _advertise(task: Task, ctx: WorkerContext) -> None:
-    """Tell submitters which adapters this worker holds (affinity routing); never fails the task."""
-    from farm.routing import advertise
-
-    if ctx._adapters is None:
-        return  # no LoRA served yet: nothing to advertise
-    try:
-        loaded = ctx._adapters.loaded()
-        advertise(ctx.settings, model=ctx.model_name, node=task.request.hostname or "worker", loras=loaded)
-    except Exception:  # Redis hiccup: routing falls back to the shared queue
-        log.debug("could not advertise adapters", exc_info=True)
 
 
 def _fetch_inputs(ctx: WorkerContext, claim: claims.Claim, specs: list[ImageSpec]):

@@ -58,7 +58,7 @@ def test_most_jobs_land_on_a_warm_worker(farm_env, s3_env):
         assert one.wait(timeout=300).succeeded
         results.append(one.results()[0])
     counts = Counter(served(r) for r in results)
-    assert counts["cache"] > len(results) / 2, counts
+    assert counts["cache"] >= 0.9 * len(results), counts  # measured: 24 of 24
 
 
 def test_a_backed_up_warm_worker_does_not_starve_the_others(farm_env, s3_env):
