@@ -74,3 +74,17 @@ def test_a_backed_up_warm_worker_does_not_starve_the_others(farm_env, s3_env):
     assert spread.wait(timeout=300).succeeded
     by_worker = Counter(r.worker.split("/")[0] for r in spread.results())
     assert len(by_worker) >= 2, f"all twelve tasks waited for one warm worker: {by_worker}"
+
+
+def test_a_damaged_stored_lora_fails_its_job_with_the_reason_and_the_worker_goes_on(farm_env, s3_env, tiny_model, tmp_path):
+    from workers.tiny_lora import make_tiny_lora
+
+    farm = farm_env.farm()
+    record = farm.add_lora(make_tiny_lora(tiny_model, tmp_path / "fragile.safetensors", seed=77), name="fragile")
+    data = farm.storage.get(record.storage_key)
+    farm.storage.put(record.storage_key, data[: len(data) // 2], content_type="application/octet-stream")
+    broken = job(farm, "fragile", 1)
+    final = broken.wait(timeout=300)
+    (result,) = broken.results()
+    assert final.counts["failed"] == 1 and "LoraError" in result.error and "sha256" in result.error.lower()
+    assert job(farm, "style-a", 9).wait(timeout=300).succeeded  # the worker keeps serving
