@@ -149,7 +149,6 @@ def _run_task(monkeypatch, storage, n: int = 4):
     monkeypatch.setattr(claims, "record_success", record_success)
     monkeypatch.setattr(tasks, "_fetch_inputs", lambda ctx, claim, specs: (images, specs, [None] * len(specs)))
     monkeypatch.setattr(tasks, "_activate_loras", lambda ctx, loras: [])
-    monkeypatch.setattr(tasks, "_advertise", lambda task, ctx: None)
     monkeypatch.setattr(tasks, "_release_quietly", lambda ctx, token, note: released.append(note))
     rendered = [Rendered(image=Image.new("RGB", (64, 64), (n * 40, 0, 0)), prompt_tokens=2, prompt_truncated=False)
                 for n in range(n)]
