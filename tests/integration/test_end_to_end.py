@@ -145,3 +145,15 @@ def test_cancel_drops_queued_images(farm_env, aws):
     assert final.counts[Status.canceled.value] == 4
     busy.wait(timeout=300)
     assert all(r.status == Status.canceled.value and r.storage_key is None for r in later.results())
+
+
+def test_the_cli_submits_waits_and_downloads_as_a_user_would(farm_env, aws, tmp_path):
+    submitted = farm_env.cli("submit", "--prompt", "a red circle on a blue background", "--num-images", "2",
+                             "--width", "64", "--height", "64", "--steps", "3", "--seed", "42")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    waited = farm_env.cli("wait", job_id, "--no-progress", "--timeout", "300", timeout=320)
+    assert waited.returncode == 0 and "2/2 finished" in waited.stdout, waited.stdout + waited.stderr
+    downloaded = farm_env.cli("download", job_id, str(tmp_path / "out"))
+    assert downloaded.returncode == 0 and "2 image(s)" in downloaded.stdout
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["00000-42.png", "00001-43.png"]
