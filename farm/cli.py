@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 import pydantic
 
+from farm.cli_model_evaluate import evaluate as model_evaluate
 from farm.errors import FarmError, ValidationError
 from farm.settings import Settings
 
@@ -367,7 +368,7 @@ def db_upgrade(revision):
 
 @main.group()
 def model() -> None:
-    """Models: build the tiny test model."""
+    """Models: build the tiny test model; evaluate the shapes model."""
 
 
 @model.command("make-tiny")
@@ -380,6 +381,9 @@ def make_tiny(directory, seed, inpainting):
     from workers.tiny import make_tiny as build
 
     click.echo(str(build(directory, seed=seed, in_channels=9 if inpainting else 4)))
+
+
+model.add_command(model_evaluate)
 
 
 @main.command()

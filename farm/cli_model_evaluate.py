@@ -49,3 +49,7 @@ def evaluate(model_path, images, guidance_scale, steps, device, threads, save):
     except FarmError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(result))
+
+
+if __name__ == "__main__":  # python -m farm.cli_model_evaluate [...] (the same as farm model evaluate)
+    evaluate()

@@ -27,6 +27,7 @@ from farm.progress import wait_until
 from farm.records import FINISHED, ImageRecord, Status, SubmissionRecord
 from farm.settings import Settings
 from farm.images import PreparedImage, prepare_image
+from farm.models import recommended
 from farm.spec import GenerationRequest, ImageSpec, PreparedInputs, check_request
 from farm.storage import Storage, open_storage
 
@@ -229,6 +230,7 @@ class Farm:
                 )
             if isinstance(request, GenerationRequest):
                 request = request.to_dict()
+            request = self._with_model_size(request)
             inputs = self._prepare_inputs(request, index, prepared)
             specs.extend(check_request(request, self.settings, index=index, inputs=inputs).images)
             count += 1
@@ -252,6 +254,18 @@ class Farm:
         from farm.campaigns import Campaign
 
         return Campaign(self, name)
+
+    def _with_model_size(self, request: Any) -> Any:
+        """A text-to-image request without a size gets its model's recommended one (farm.json), not 512²."""
+        if not isinstance(request, Mapping) or request.get("init_image") is not None:
+            return request
+        if request.get("width") is not None and request.get("height") is not None:
+            return request
+        model = request.get("model") or self.settings.default_model
+        if not isinstance(model, str) or model not in self.settings.models:
+            return request  # check_request says what is wrong
+        size = {k: v for k, v in recommended(self.settings, model).items() if k in ("width", "height")}
+        return {**request, **{k: v for k, v in size.items() if request.get(k) is None}}
 
     def _prepare_inputs(self, request: Mapping[str, Any], index: int, cache: dict) -> PreparedInputs | None:
         """Read and check the request's init image and mask (no upload yet)."""

@@ -16,20 +16,22 @@ from pathlib import Path
 from farm.client import Farm
 from farm.contact_sheet import contact_sheet
 from farm.errors import FarmError
+from farm.models import recommended
 from farm.settings import Settings
 
 PROMPTS = [
-    ("a red circle on a blue background", "blurry"),
-    ("a yellow triangle on a green background", "text, watermark"),
+    ("a red circle on a blue background", ""),
+    ("a yellow triangle on a green background", ""),
 ]
 IMAGES_PER_PROMPT = 4
-SIZE = 128
-STEPS = 20
+#: size, steps and guidance when the model ships none (the shapes model's farm.json gives its own)
+DEFAULTS = {"width": 128, "height": 128, "steps": 20, "guidance_scale": 7.5}
 
 
 def run_demo(settings: Settings, out: Path, *, device: str = "cpu", timeout: float = 900) -> Path:
     out = Path(out)
     model = settings.default_model
+    defaults = {**DEFAULTS, **recommended(settings, model)}
     with Farm(settings) as farm:
         job = farm.submit_many(
             [
@@ -38,11 +40,8 @@ def run_demo(settings: Settings, out: Path, *, device: str = "cpu", timeout: flo
                     "negative_prompt": negative,
                     "num_images": IMAGES_PER_PROMPT,
                     "seed": 1000 * (n + 1),
-                    "width": SIZE,
-                    "height": SIZE,
-                    "steps": STEPS,
-                    "guidance_scale": 7.5,
                     "model": model,
+                    **defaults,
                 }
                 for n, (prompt, negative) in enumerate(PROMPTS)
             ],

@@ -18,9 +18,17 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-#: The model every command uses unless told otherwise: a tiny random SD-architecture pipeline,
-#: built on first use into ``<data_dir>/models/tiny``.
+#: A tiny random SD-architecture pipeline, built on first use into ``<data_dir>/models/tiny``.
 BUILTIN_TINY = "builtin:tiny"
+#: The small trained shapes model shipped with farm (models/shapes; docs/shapes-model.md): the
+#: default model, so the embedded farm draws what it is asked ("a red circle on a blue background").
+BUILTIN_SHAPES = "builtin:shapes"
+
+
+def shipped_model(name: str) -> Path:
+    """Where a model shipped with farm lies: inside the installed package, or in the checkout."""
+    packaged = Path(__file__).parent / "_models" / name
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "models" / name
 
 
 def _default_data_dir() -> Path:
@@ -70,8 +78,11 @@ class Settings(BaseSettings):
     #: Where PNGs go: ``s3://bucket/prefix`` or ``file:///dir``. Default: ``file://<data_dir>/images``.
     storage_url: str | None = None
     #: ``name=location`` pairs, comma separated: a diffusers folder, a hub id, or ``builtin:tiny``.
-    models: Annotated[dict[str, str], NoDecode] = Field(default_factory=lambda: {"tiny": BUILTIN_TINY})
-    default_model: str = "tiny"
+    models: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=lambda: {"shapes": BUILTIN_SHAPES, "tiny": BUILTIN_TINY}
+    )
+    #: Default: ``shapes`` when configured, else the first of FARM_MODELS.
+    default_model: str | None = None
     #: Images that share model, size, steps, scheduler and guidance go to a GPU in batches of at most this.
     max_batch_size: int = Field(default=8, ge=1, le=256)
     #: Default scheduler when a request names none.
@@ -148,8 +159,12 @@ class Settings(BaseSettings):
 
     @field_validator("default_model")
     @classmethod
-    def _check_default_model(cls, value: str, info: ValidationInfo) -> str:
+    def _check_default_model(cls, value: str | None, info: ValidationInfo) -> str | None:
         models = info.data.get("models") or {}
+        if value is None:
+            if not models:
+                raise ValueError("FARM_MODELS names no model")
+            return "shapes" if "shapes" in models else next(iter(models))
         if value not in models:
             raise ValueError(f"FARM_DEFAULT_MODEL={value!r} is not one of FARM_MODELS ({', '.join(sorted(models))})")
         return value

@@ -10,8 +10,8 @@ Stages (each resumable from its own checkpoint under ``--work``, default ``train
     lora     train the "green" LoRA on the exported model -> <out>/loras/green.safetensors
     all      everything above in order
 
-    python -m training.train_shapes all                  # the shipped weights (CPU, 2 threads)
-    python -m training.train_shapes unet --unet-steps 12000   # resume and train further
+    python -m training.train_shapes all                  # the shipped weights (CPU, 1 thread, ~75 min)
+    python -m training.train_shapes unet --unet-steps 10000   # resume from the checkpoint and train further
     python -m training.train_shapes all --device cuda    # same recipe on a GPU
 
 Determinism: every random draw of step ``k`` comes from a generator seeded with (seed, stage, k),
@@ -408,7 +408,7 @@ def stage_unet(args) -> None:
         unet.load_state_dict(state["unet"])
         text.load_state_dict(state["text"])
         opt.load_state_dict(state["opt"])
-        ema.shadow = state["ema"]
+        ema.shadow = {k: v.to(args.device) for k, v in state["ema"].items()}
         start = state["step"]
         log(f"unet: resumed at step {start}")
     total = args.unet_steps
@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-crop", type=int, default=32, help="crop size of most VAE steps (64: no crops)")
     p.add_argument("--vae-full-steps", type=int, default=150, help="last VAE steps on whole images")
-    p.add_argument("--unet-steps", type=int, default=8000)
+    p.add_argument("--unet-steps", type=int, default=7000, help="total UNet steps (the shipped weights: 7000)")
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=5e-4)
     p.add_argument("--ema", type=float, default=0.999)

@@ -26,7 +26,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from farm.errors import ModelLoadError
-from farm.settings import BUILTIN_TINY
+from farm.settings import BUILTIN_SHAPES, BUILTIN_TINY, shipped_model
 from workers.tiny import make_tiny
 
 #: Components whose weights are checked before loading.
@@ -176,8 +176,15 @@ def resolve_location(name: str, location: str, models_dir: Path) -> Path:
     models_dir = Path(models_dir)
     if location == BUILTIN_TINY:
         return make_tiny(models_dir / "tiny")
+    if location == BUILTIN_SHAPES:
+        path = shipped_model("shapes")
+        if not path.is_dir():
+            raise ModelLoadError(f"model {name!r}: the shipped shapes model is missing at {path}")
+        return path
     if location.startswith("builtin:"):
-        raise ModelLoadError(f"model {name!r}: unknown built-in model {location!r} (known: {BUILTIN_TINY})")
+        raise ModelLoadError(
+            f"model {name!r}: unknown built-in model {location!r} (known: {BUILTIN_TINY}, {BUILTIN_SHAPES})"
+        )
     path = Path(location).expanduser()
     suffix = path.suffix.lower()
     if suffix == ".safetensors":

@@ -11,7 +11,7 @@ import pydantic
 import pytest
 from sqlalchemy.engine import make_url
 
-from farm.settings import BUILTIN_TINY, Limits, Settings
+from farm.settings import BUILTIN_SHAPES, shipped_model, BUILTIN_TINY, Limits, Settings
 from farm.spec import check_request
 from farm.errors import ValidationError
 
@@ -41,10 +41,11 @@ def test_model_location_may_contain_equals(monkeypatch: pytest.MonkeyPatch, tmp_
     assert Settings(data_dir=tmp_path).models["remote"] == "s3://bucket/sd15?version=2"
 
 
-def test_default_models_are_the_builtin_tiny(tmp_path: Path) -> None:
+def test_default_models_are_the_shipped_shapes_model_and_the_tiny_one(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path)
-    assert settings.models == {"tiny": BUILTIN_TINY}
-    assert settings.default_model == "tiny"
+    assert settings.models == {"shapes": BUILTIN_SHAPES, "tiny": BUILTIN_TINY}
+    assert settings.default_model == "shapes"
+    assert (shipped_model("shapes") / "model_index.json").is_file()
 
 
 @pytest.mark.parametrize("bad_item", ["sd15", "=/models/sd15", "sd15=", " = "])
@@ -75,9 +76,12 @@ def test_default_model_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert check_request({"prompt": "x"}, settings).images[0].model == "sd15"
 
 
-def test_models_without_the_default_tiny_needs_a_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Replacing the model list drops ``tiny``: the default must then be named, and the error says so."""
-    monkeypatch.setenv("FARM_MODELS", "sd15=/models/sd15")
+def test_the_default_model_is_the_first_configured_one_unless_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FARM_MODELS", "sd15=/models/sd15,sd14=/models/sd14")
+    assert Settings(data_dir=tmp_path).default_model == "sd15"
+    monkeypatch.setenv("FARM_DEFAULT_MODEL", "sd14")
+    assert Settings(data_dir=tmp_path).default_model == "sd14"
+    monkeypatch.setenv("FARM_DEFAULT_MODEL", "tiny")
     with pytest.raises(pydantic.ValidationError, match="FARM_DEFAULT_MODEL='tiny' is not one of FARM_MODELS"):
         Settings(data_dir=tmp_path)
 
