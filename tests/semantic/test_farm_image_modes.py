@@ -61,3 +61,12 @@ def test_inpainting_a_region_with_a_green_square_makes_it_green(shapes_model):
     assert S.colour_share(Image.fromarray(inside), "green") > 0.5
     keep = np.asarray(mask) == 0
     assert np.array_equal(np.asarray(out)[keep], np.asarray(init)[keep])
+
+
+def test_img2img_at_strength_one_behaves_like_txt2img(shapes_model):
+    prompt = "a yellow square on a green background"
+    for seed in range(3):
+        full = render(shapes_model, spec("img2img", prompt, seed, strength=1.0), Conditioning(init=drawing()))
+        fresh = render(shapes_model, spec("txt2img", prompt, seed), Conditioning())
+        a, b = S.analyse(full), S.analyse(fresh)
+        assert (a.colour, a.background, a.shape) == (b.colour, b.background, b.shape) == ("yellow", "green", "square")
