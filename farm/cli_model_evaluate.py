@@ -35,17 +35,15 @@ def evaluate(model_path, images, guidance_scale, steps, device, threads, save):
     if images < 1:
         raise click.UsageError("--images must be at least 1")
     try:
-        import torch
-
         from workers import semantics
 
-        if threads:
-            torch.set_num_threads(threads)
         path = model_path or semantics.DEFAULT_MODEL
         if not (Path(path) / "model_index.json").is_file():
             raise click.ClickException(f"{path} holds no model_index.json (a diffusers pipeline folder)")
         click.echo(f"evaluating {path}: {images} held-out captions on {device}", err=True)
-        result = semantics.evaluate(path, images=images, guidance_scale=guidance_scale, steps=steps, device=device, save_dir=save)
+        result = semantics.evaluate(
+            path, images=images, guidance_scale=guidance_scale, steps=steps, device=device, save_dir=save, threads=threads
+        )
     except FarmError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(result))

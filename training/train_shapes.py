@@ -123,24 +123,10 @@ def build_tokenizer():
     """CLIPTokenizer over bytes + the caption words (each one token), built locally."""
     from transformers import CLIPTokenizer
 
-    from workers.tiny import _bpe, _bytes_to_unicode
+    from workers.tiny import build_vocab
 
-    byte_chars = list(_bytes_to_unicode().values())
-    tokens = byte_chars + [c + "</w>" for c in byte_chars]
-    seen = set(tokens)
-    ranks: dict[tuple[str, str], int] = {}
-    for word in S.WORDS:
-        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
-        current = pieces[0]
-        for piece in pieces[1:]:
-            ranks.setdefault((current, piece), len(ranks))
-            current += piece
-            if current not in seen:
-                seen.add(current)
-                tokens.append(current)
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=77)
+    vocab, merges = build_vocab(S.WORDS)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def build_text_encoder(tokenizer):

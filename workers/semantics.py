@@ -258,8 +258,10 @@ def scores(expected: Iterable[tuple[str, str, str]], analyses: Iterable[Analysis
 # -- rendering through the farm's own path ---------------------------------------------------------------
 
 #: Where the shipped model lives in a checkout.
+from farm.settings import shipped_model  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO_ROOT / "models" / "shapes"
+DEFAULT_MODEL = shipped_model("shapes")
 
 
 def model_defaults(path: Path | str = DEFAULT_MODEL) -> dict[str, Any]:
@@ -338,9 +340,15 @@ def evaluate(
     steps: int | None = None,
     device: str = "cpu",
     save_dir: Path | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Render ``images`` held-out captions at the model's defaults; colour/background/shape accuracy."""
     import time
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     model = load(path, device=device)
     d = model_defaults(model.path)

@@ -73,19 +73,13 @@ def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return pieces
 
 
-def tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Return a CLIP-style BPE vocabulary and merges: all bytes (plain and ``</w>``) plus ``_WORDS``.
-
-    Each word is first split by the merges learnt so far, then new merges join its pieces left to
-    right, so every word in ``_WORDS`` becomes one token and earlier words stay one token. Any other
-    text still tokenizes (at worst byte by byte). The special tokens come last so that
-    ``<|endoftext|>`` has the highest id, as in real CLIP.
-    """
+def build_vocab(words) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-style byte-level BPE vocabulary in which each of ``words`` is a single token."""
     byte_chars = list(_bytes_to_unicode().values())
     tokens: list[str] = byte_chars + [c + "</w>" for c in byte_chars]
     seen = set(tokens)
     ranks: dict[tuple[str, str], int] = {}
-    for word in dict.fromkeys(_WORDS):  # ordered and without duplicates
+    for word in dict.fromkeys(words):  # ordered and without duplicates
         pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
         current = pieces[0]
         for piece in pieces[1:]:
@@ -96,6 +90,17 @@ def tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
                 tokens.append(current)
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     return {token: i for i, token in enumerate(tokens)}, list(ranks)
+
+
+def tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Return a CLIP-style BPE vocabulary and merges: all bytes (plain and ``</w>``) plus ``_WORDS``.
+
+    Each word is first split by the merges learnt so far, then new merges join its pieces left to
+    right, so every word in ``_WORDS`` becomes one token and earlier words stay one token. Any other
+    text still tokenizes (at worst byte by byte). The special tokens come last so that
+    ``<|endoftext|>`` has the highest id, as in real CLIP.
+    """
+    return build_vocab(_WORDS)
 
 
 def _build_pipeline(seed: int, in_channels: int = 4):
