@@ -38,3 +38,14 @@ SCHEDULERS: dict[str, SchedulerInfo] = {
 }
 
 SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
+
+#: SD1.x's noise schedule, as SD1.5 ships its PNDM scheduler config (models farm builds use it too).
+SD1_PNDM_CONFIG: dict = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    skip_prk_steps=True,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)

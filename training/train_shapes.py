@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from farm.schedulers import SD1_PNDM_CONFIG  # noqa: E402
 from workers import semantics as S  # noqa: E402
 
 STAGE_SEEDS = {"data": 1, "vae": 2, "latents": 3, "unet": 4, "lora": 5, "init": 6}
@@ -67,15 +68,7 @@ VAE_KW = dict(
     norm_num_groups=16,
     sample_size=64,
 )
-SCHEDULER_KW = dict(  # SD1.x's schedule (as SD1.5 ships its PNDM config)
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    skip_prk_steps=True,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
+SCHEDULER_KW = SD1_PNDM_CONFIG  # SD1.x's schedule (as SD1.5 ships its PNDM config)
 EMPTY_CAPTION_P = 0.10
 PARTIAL_CAPTION_P = 0.10
 FARM_DEFAULTS = {"default_guidance_scale": 5.0, "default_steps": 20, "width": 64, "height": 64, "scheduler": "dpmpp_2m"}

@@ -27,6 +27,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from farm.schedulers import SD1_PNDM_CONFIG
+
 #: Words that become single tokens (on top of the 512 byte-level tokens every text can fall back on).
 _WORDS = """
 a an the of and with in on at by for from to under over near behind above below beside
@@ -156,15 +158,7 @@ def _build_pipeline(seed: int, in_channels: int = 4):
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-    scheduler = PNDMScheduler(  # exactly as SD1.5 ships it
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = PNDMScheduler(**SD1_PNDM_CONFIG)  # exactly as SD1.5 ships it
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
