@@ -17,8 +17,9 @@ A1111 does (``modules/sd_hijack_clip.py``, emphasis "Original"):
    penultimate layer's hidden states and applies the final layer norm (A1111's "Clip skip 2",
    diffusers' ``clip_skip=1``); ``clip_skip=1`` is the last hidden state, as diffusers uses.
 4. Emphasis: every token's vector is multiplied by its weight, then the window is rescaled so that
-   its mean is what it was before weighting. A window whose weights are all 1 is left untouched,
-   so a plain window is bit-identical to diffusers' encoding of the same text.
+   its mean is what it was before weighting (unless that mean is zero up to rounding, where the
+   rescale would be noise over noise). A window whose weights are all 1 is left untouched, so a
+   plain window is bit-identical to diffusers' encoding of the same text.
 5. The windows are concatenated along the sequence axis (77 x n). Every prompt and negative prompt
    of the batch is padded to the batch's largest window count with the encoding of an empty window
    (``""``, what A1111 pads with), because the UNet takes one tensor for the batch.
@@ -195,8 +196,16 @@ def _emphasis(z: torch.Tensor, weights: list[float]) -> torch.Tensor:
     z32 = z.float()
     original_mean = z32.mean()
     z32 = z32 * torch.tensor(weights, dtype=torch.float32, device=z.device)[:, None]
-    z32 = z32 * (original_mean / z32.mean())
+    new_mean = z32.mean()
+    # A mean that is rounding noise (a final layer norm with zero bias makes every token's mean 0)
+    # would turn the rescale into noise over noise, a factor of any size: leave such a window scaled.
+    if new_mean.abs() > MEAN_FLOOR * z32.abs().mean():
+        z32 = z32 * (original_mean / new_mean)
     return z32.to(z.dtype)
+
+
+#: Below this fraction of the mean magnitude, a window's mean counts as zero (see :func:`_emphasis`).
+MEAN_FLOOR = 1e-4
 
 
 def encode_prompts(

@@ -158,6 +158,10 @@ def _build_pipeline(seed: int, in_channels: int = 4):
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
+        # A trained CLIP's final layer norm has a bias, so its hidden states have a mean that prompt
+        # emphasis can restore; a fresh one (bias 0) makes every token's mean exactly 0.
+        norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+        torch.nn.init.normal_(norm.bias, mean=0.3, std=0.5)
     scheduler = PNDMScheduler(**SD1_PNDM_CONFIG)  # exactly as SD1.5 ships it
     return StableDiffusionPipeline(
         vae=vae,
