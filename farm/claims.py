@@ -74,7 +74,9 @@ def claim(
                 image.status = Status.failed.value
                 image.finished_at = now
                 image.error = (
-                    f"gave up after {max_attempts} attempts: the worker rendering it stopped each time "
+                    f"gave up after {max_attempts} attempts; the last one: {image.error}"
+                    if image.error
+                    else f"gave up after {max_attempts} attempts: the worker rendering it stopped each time "
                     "(killed, out of memory, or lost)"
                 )
                 result.given_up.append(image.id)
@@ -128,19 +130,33 @@ def record_failure(sessions: sessionmaker[Session], token: str, image_ids: Seque
         ).rowcount
 
 
-def release(sessions: sessionmaker[Session], token: str, *, note: str | None = None) -> int:
-    """Give the claim's unfinished images back to the queue (an infrastructure error, not theirs)."""
+def release(
+    sessions: sessionmaker[Session],
+    token: str,
+    *,
+    note: str | None = None,
+    image_ids: Sequence[str] | None = None,
+    count_attempt: bool = False,
+) -> int:
+    """Give the claim's unfinished images (or only ``image_ids`` of them) back to the queue.
+
+    By default the attempt is not counted (an infrastructure error before any GPU work, not the
+    images' fault). ``count_attempt``: it was rendered and could not be stored; after
+    ``max_attempts`` such rounds :func:`claim` fails the image with ``note`` as the reason."""
+    where = [ImageRecord.claim_token == token, ImageRecord.status == RUNNING]
+    if image_ids is not None:
+        where.append(ImageRecord.id.in_(list(image_ids)))
     with sessions.begin() as session:
         return session.execute(
             update(ImageRecord)
-            .where(ImageRecord.claim_token == token, ImageRecord.status == RUNNING)
+            .where(*where)
             .values(
                 status=QUEUED,
                 claim_token=None,
                 lease_expires_at=None,
                 worker=None,
                 started_at=None,
-                attempts=ImageRecord.attempts - 1,
+                attempts=ImageRecord.attempts if count_attempt else ImageRecord.attempts - 1,
                 error=note,
             )
         ).rowcount

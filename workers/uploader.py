@@ -4,6 +4,8 @@
 that makes them, e.g. the PNG encode) and returns a :class:`~concurrent.futures.Future` that
 resolves to the key once the object is stored; :meth:`Uploader.drain` waits for everything
 submitted so far and raises the first error (in submit order) after all of them finished.
+With ``retries=N`` a put that raises :class:`~farm.errors.StorageError` is tried again up to N times,
+``backoff(attempt)`` seconds apart, with the bytes already made (a PNG is encoded once).
 
 Threads fit: PNG compression (zlib) and socket I/O release the GIL, and the storage backends are
 thread-safe (one boto3 client per :class:`farm.storage.S3Storage`; :class:`farm.storage.FileStorage`
@@ -21,6 +23,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Mapping
 
+from farm.errors import StorageError
+
 #: ``on_done(key, error)``: called once per submitted item, in a pool thread, ``error`` None on success.
 DoneCallback = Callable[[str, "BaseException | None"], None]
 
@@ -28,11 +32,22 @@ DoneCallback = Callable[[str, "BaseException | None"], None]
 class Uploader:
     """A bounded pool of upload threads over one storage backend (anything with ``put``)."""
 
-    def __init__(self, storage: Any, workers: int = 4):
+    def __init__(
+        self,
+        storage: Any,
+        workers: int = 4,
+        *,
+        retries: int = 0,
+        backoff: Callable[[int], float] = lambda attempt: min(30.0, 2.0**attempt),
+    ):
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
+        if retries < 0:
+            raise ValueError(f"retries must be at least 0, got {retries}")
         self.storage = storage
         self.workers = workers
+        self.retries = retries
+        self.backoff = backoff
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="farm-upload")
         self._lock = threading.Lock()
         self._pending: list[Future] = []
@@ -40,6 +55,8 @@ class Uploader:
         self.encode_seconds = 0.0
         self.upload_seconds = 0.0
         self.uploaded = 0
+        #: Puts that failed and were tried again.
+        self.retried = 0
 
     def __enter__(self) -> "Uploader":
         return self
@@ -72,7 +89,7 @@ class Uploader:
             started = time.perf_counter()
             body = data() if callable(data) else data
             encoded = time.perf_counter()
-            self.storage.put(key, body, content_type=content_type, metadata=metadata)
+            self._put(key, body, content_type, metadata)
             stored = time.perf_counter()
             with self._lock:
                 self.encode_seconds += encoded - started
@@ -85,6 +102,18 @@ class Uploader:
         if error is not None:
             raise error
         return key
+
+    def _put(self, key, body, content_type, metadata) -> None:
+        for attempt in range(self.retries + 1):
+            try:
+                self.storage.put(key, body, content_type=content_type, metadata=metadata)
+                return
+            except StorageError:
+                if attempt == self.retries:
+                    raise
+                with self._lock:
+                    self.retried += 1
+                time.sleep(self.backoff(attempt))
 
     def drain(self) -> list[str]:
         """Wait for every item submitted so far; return their keys in submit order.

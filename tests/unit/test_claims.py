@@ -211,6 +211,15 @@ def test_release_requeues_without_counting_the_attempt(sessions, settings) -> No
     assert claims.record_success(sessions, got.token, ids[1], storage_key="images/old.png") is False
 
 
+def test_release_of_some_images_leaves_the_rest_of_the_claim_rendering(sessions, settings) -> None:
+    _, ids = _submit(sessions, settings, num_images=4)
+    got = _claim(sessions, ids)
+    assert claims.release(sessions, got.token, note="upload failed", image_ids=ids[:2]) == 2
+    assert [row.status for row in _rows(sessions, ids)] == ["queued", "queued", "running", "running"]
+    assert claims.record_success(sessions, got.token, ids[2], storage_key="images/2.png") is True
+    assert claims.heartbeat(sessions, got.token, LEASE) == 1
+
+
 def test_record_failure_marks_failed_with_the_error(sessions, settings) -> None:
     _, ids = _submit(sessions, settings)
     got = _claim(sessions, ids)
@@ -278,3 +287,16 @@ def test_take_back_expired_respects_grace(sessions, settings) -> None:
     assert claims.take_back_expired(sessions, grace_seconds=60) == {}
     assert {row.status for row in _rows(sessions, ids)} == {"running"}
     assert sum(len(v) for v in claims.take_back_expired(sessions).values()) == 3
+
+
+def test_images_that_could_not_be_stored_fail_after_max_attempts_with_the_reason(sessions, settings) -> None:
+    _, ids = _submit(sessions, settings, num_images=1)
+    note = "queued again after StorageError: S3 put failed: AccessDenied"
+    for worker in ("w1", "w2", "w3"):
+        got = _claim(sessions, ids, worker=worker, max_attempts=3)
+        assert [image.id for image in got.images] == ids
+        assert claims.release(sessions, got.token, note=note, image_ids=ids, count_attempt=True) == 1
+    last = _claim(sessions, ids, worker="w4", max_attempts=3)
+    assert last.images == [] and last.given_up == ids
+    [row] = _rows(sessions, ids)
+    assert row.status == "failed" and row.error == f"gave up after 3 attempts; the last one: {note}"

@@ -112,99 +112,44 @@ def test_with_file_storage(tmp_path) -> None:
     assert storage.content_type("images/s/0.png") == "image/png"
 
 
-# -- the render task's upload step (workers.tasks.run_render), with the database and GPU faked ------
+class FlakyStorage(SlowStorage):
+    """Fails the first ``failures`` puts of every key, then stores."""
 
+    def __init__(self, failures: int):
+        super().__init__(delay=0)
+        self.failures = failures
+        self.tries: dict[str, int] = {}
 
-class _Retry(Exception):
-    pass
-
-
-def _run_task(monkeypatch, storage, n: int = 4):
-    """Run ``run_render`` past claim/render with fakes; return (outcome, recorded, released)."""
-    import uuid
-    from types import SimpleNamespace
-
-    from PIL import Image
-
-    from farm import claims
-    from farm.keys import image_key
-    from farm.spec import ImageSpec
-    from workers import tasks
-    from workers.render import BatchResult, Rendered
-
-    specs = [
-        ImageSpec(prompt="a cat", negative_prompt="", seed=s, steps=4, guidance_scale=7.5, width=64, height=64,
-                  scheduler="dpmpp_2m", model="tiny")
-        for s in range(n)
-    ]
-    images = [SimpleNamespace(id=uuid.uuid4().hex, submission_id=uuid.uuid4().hex, params=s.params()) for s in specs]
-    recorded: list[tuple[str, bool]] = []
-    released: list[str] = []
-
-    def record_success(sessions, token, image_id, *, storage_key, **values):
-        recorded.append((image_id, storage.exists(storage_key)))  # was it uploaded before the record?
-        return True
-
-    monkeypatch.setattr(claims, "claim", lambda *a, **k: claims.Claim(token="t", images=images))
-    monkeypatch.setattr(claims, "record_success", record_success)
-    monkeypatch.setattr(tasks, "_fetch_inputs", lambda ctx, claim, specs: (images, specs, [None] * len(specs)))
-    monkeypatch.setattr(tasks, "_activate_loras", lambda ctx, loras: [])
-    monkeypatch.setattr(tasks, "_release_quietly", lambda ctx, token, note: released.append(note))
-    rendered = [Rendered(image=Image.new("RGB", (64, 64), (n * 40, 0, 0)), prompt_tokens=2, prompt_truncated=False)
-                for n in range(n)]
-    monkeypatch.setattr(tasks, "_render", lambda *a: BatchResult(images=rendered, seconds=1.0, interrupted=False))
-
-    def retry(exc, countdown):
-        return _Retry(str(exc))
-
-    task = SimpleNamespace(request=SimpleNamespace(hostname="h", retries=0), retry=retry)
-    ctx = SimpleNamespace(
-        settings=SimpleNamespace(claim_lease_seconds=60), model_name="tiny", device="cpu", sessions=None,
-        storage=storage, model=SimpleNamespace(hash="abcdef1234", path="/models/tiny"),
-    )
-    try:
-        outcome = tasks.run_render(task, ctx, [i.id for i in images], "tiny")
-    except _Retry as exc:
-        outcome = exc
-    keys = [image_key(i.submission_id, i.id) for i in images]
-    return outcome, recorded, released, keys
-
-
-def test_task_records_each_image_only_after_its_upload(monkeypatch, tmp_path) -> None:
-    from farm.pnginfo import read_png_metadata
-
-    storage = FileStorage(tmp_path)
-    outcome, recorded, released, keys = _run_task(monkeypatch, storage)
-    assert outcome == {"rendered": 4, "seconds": 1.0}
-    assert len(recorded) == 4 and all(uploaded for _, uploaded in recorded)
-    assert not released
-    parameters, spec = read_png_metadata(storage.get(keys[2]))
-    assert spec["seed"] == 2 and "Seed: 2" in parameters
-    assert storage.head(keys[2])["farm-seed"] == "2"
-
-
-class _FailingFileStorage(FileStorage):
-    """File storage whose ``fail_index``-th put (counting from 0) raises a ``StorageError``."""
-
-    def __init__(self, root, fail_index: int):
-        super().__init__(root)
-        self.fail_index = fail_index
-        self.calls = 0
-        self.lock = threading.Lock()
-
-    def put(self, key, data, **kwargs):
+    def put(self, key, data, *, content_type, metadata=None):
         with self.lock:
-            self.calls += 1
-            failing = self.calls == 1 + self.fail_index
+            self.tries[key] = self.tries.get(key, 0) + 1
+            failing = self.tries[key] <= self.failures
         if failing:
-            raise StorageError("S3 put failed: SlowDown")
-        super().put(key, data, **kwargs)
+            raise StorageError(f"S3 put failed: SlowDown ({key})")
+        super().put(key, data, content_type=content_type, metadata=metadata)
 
 
-def test_task_upload_error_releases_and_retries_and_leaves_no_record_pointing_nowhere(monkeypatch, tmp_path) -> None:
-    storage = _FailingFileStorage(tmp_path, fail_index=1)
-    outcome, recorded, released, keys = _run_task(monkeypatch, storage)
-    assert isinstance(outcome, _Retry) and "SlowDown" in str(outcome)
-    assert len(released) == 1 and "StorageError" in released[0]
-    assert all(uploaded for _, uploaded in recorded)  # whatever was recorded exists
-    assert len(recorded) < 4
+def test_retries_a_failed_put_with_the_bytes_already_made() -> None:
+    storage = FlakyStorage(failures=2)
+    made: list[str] = []
+    waits: list[int] = []
+
+    def backoff(attempt: int) -> float:
+        waits.append(attempt)
+        return 0.0
+
+    with Uploader(storage, workers=2, retries=2, backoff=backoff) as uploader:
+        uploader.submit("a", lambda: made.append("a") or b"png", "image/png")
+        assert uploader.drain() == ["a"]
+    assert made == ["a"]  # encoded once, stored on the third try
+    assert storage.tries["a"] == 3 and storage.stored["a"][0] == b"png"
+    assert uploader.retried == 2 and waits == [0, 1]
+
+
+def test_gives_up_after_its_retries() -> None:
+    storage = FlakyStorage(failures=5)
+    with Uploader(storage, workers=1, retries=1, backoff=lambda attempt: 0.0) as uploader:
+        uploader.submit("a", b"x", "image/png")
+        with pytest.raises(StorageError, match="SlowDown"):
+            uploader.drain()
+    assert storage.tries["a"] == 2 and "a" not in storage.stored
