@@ -31,6 +31,29 @@ def shipped_model(name: str) -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "models" / name
 
 
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"512x512, 768x512"`` → ``[(512, 512), (768, 512)]``; ValueError naming the bad part."""
+    sizes = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        width, sep, height = part.lower().partition("x")
+        if not (sep and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+            raise ValueError(f"{part!r} is not WIDTHxHEIGHT (e.g. '512x512,768x512')")
+        sizes.append((int(width), int(height)))
+    return sizes
+
+
+def parse_batch_sizes(text: str) -> dict[tuple[int, int], int]:
+    """``"512x512=16, 768x768=6"`` → ``{(512, 512): 16, (768, 768): 6}``; ValueError naming the bad part."""
+    batches: dict[tuple[int, int], int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        size, sep, batch = part.partition("=")
+        if not (sep and batch.strip().isdigit() and int(batch) > 0):
+            raise ValueError(f"{part!r} is not WIDTHxHEIGHT=BATCH (e.g. '512x512=16,768x768=6')")
+        [(width, height)] = parse_sizes(size) or [(0, 0)]
+        batches[(width, height)] = int(batch)
+    return batches
+
+
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(base) / "farm"
@@ -103,7 +126,7 @@ class Settings(BaseSettings):
     claim_lease_seconds: float = Field(default=60.0, gt=0)
     #: Hard time limit of one render task, in seconds (enforced by the prefork pool).
     task_time_limit: int = Field(default=3 * 3600, ge=10)
-    #: Infrastructure failures (database, storage) retried this many times before images fail.
+    #: A task whose claim hit a database error is retried this many times (backoff 2, 4… 60 s).
     max_retries: int = Field(default=5, ge=0)
 
     #: CPU threads torch may use in a worker process (default: torch's own choice). Set it when
@@ -120,6 +143,26 @@ class Settings(BaseSettings):
     render_compile: bool = False
     render_compile_mode: str | None = None
     render_warmup_sizes: str = "512x512"
+    #: Images rendered at once per size, ``"512x512=16,768x768=6"`` (workers.batching); sizes not
+    #: named render a task's images all at once, halved and remembered on out-of-memory.
+    render_batch_sizes: str = ""
+    #: Measure the best batch per warm-up size at worker start (cached per GPU, model and torch
+    #: version); None = on for CUDA. Sizes in ``render_batch_sizes`` are not measured.
+    render_calibrate: bool | None = None
+
+    # -- finishing images (workers.finisher) ----------------------------------------------------
+    #: Threads that PNG-encode and upload rendered images.
+    upload_threads: int = Field(default=4, ge=1, le=64)
+    #: A failed upload is tried again this many times (backoff 1, 2, 4… s) before its images are
+    #: queued again.
+    upload_retries: int = Field(default=3, ge=0)
+    #: Chunks whose uploads may still run while the GPU renders the next ones; past it, the render
+    #: waits (memory stays bounded when storage is slow).
+    upload_max_pending: int = Field(default=2, ge=1)
+    #: A task returns (and is acked) once its images are handed to the uploader, so the next task
+    #: renders while they upload; the images stay claimed, leases renewed, until each is recorded.
+    #: False: a task returns only after its images are recorded.
+    render_overlap_tasks: bool = True
 
     # -- LoRA ---------------------------------------------------------------------------------
     #: Worker disk cache of LoRA files: total size, and free disk space it always leaves.
@@ -157,6 +200,18 @@ class Settings(BaseSettings):
             return pairs
         return value
 
+    @field_validator("render_warmup_sizes")
+    @classmethod
+    def _check_warmup_sizes(cls, value: str) -> str:
+        parse_sizes(value)
+        return value
+
+    @field_validator("render_batch_sizes")
+    @classmethod
+    def _check_batch_sizes(cls, value: str) -> str:
+        parse_batch_sizes(value)
+        return value
+
     @field_validator("default_model")
     @classmethod
     def _check_default_model(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -185,6 +240,14 @@ class Settings(BaseSettings):
     @property
     def storage(self) -> str:
         return self.storage_url or (self.data_dir / "images").resolve().as_uri()
+
+    @property
+    def warmup_sizes(self) -> list[tuple[int, int]]:
+        return parse_sizes(self.render_warmup_sizes)
+
+    @property
+    def batch_sizes(self) -> dict[tuple[int, int], int]:
+        return parse_batch_sizes(self.render_batch_sizes)
 
     @property
     def models_dir(self) -> Path:

@@ -13,12 +13,17 @@ from __future__ import annotations
 import argparse
 import logging
 
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from farm.celery_app import make_celery
 from farm.routing import own_queue, routes
 from farm.settings import Settings
 from workers.tasks import WorkerContext, register
+
+
+#: At a warm shutdown, seconds a pool process waits for its pending uploads (then their leases run
+#: out and the images are rendered again elsewhere).
+SHUTDOWN_UPLOAD_SECONDS = 120
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +54,11 @@ def main(argv: list[str] | None = None) -> None:
     @worker_process_init.connect(weak=False)
     def _load_model(**_kwargs) -> None:
         context.after_fork()
+
+    @worker_process_shutdown.connect(weak=False)
+    def _finish_uploads(**_kwargs) -> None:
+        # a warm shutdown lets the images already rendered reach storage and the database
+        context.close(timeout=SHUTDOWN_UPLOAD_SECONDS)
 
     queues = [settings.queue_for(args.model)]
     if routes(settings):  # a queue of its own, for LoRA jobs routed to it while it is warm

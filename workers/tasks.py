@@ -1,8 +1,13 @@
-"""The render task: claim → render → upload → record, for one batch of images.
+"""The render task: claim → inputs → LoRAs → render in chunks → hand off (encode, upload, record).
 
 Read top to bottom, it is the whole life of a task on a worker. Delivery may repeat (late acks,
 requeue on a lost worker, visibility timeouts), so every write goes through ``farm.claims``: each
 image is rendered and recorded once however often its message arrives.
+
+A task returns once its last chunk is handed to the process's :class:`~workers.finisher.Finisher`
+(``FARM_RENDER_OVERLAP_TASKS``, on by default): the next task renders while those PNGs upload. The
+images stay claimed, their leases renewed, until each is recorded after its upload; if the process
+dies first, the leases run out and the lease sweeper queues them again.
 """
 
 from __future__ import annotations
@@ -33,8 +38,6 @@ log = logging.getLogger("farm.worker")
 MAX_ATTEMPTS = 3
 #: Seconds between progress events a task sends (Flower shows the PROGRESS state).
 PROGRESS_EVERY = 0.25
-#: Threads that PNG-encode and upload a task's images while the task records the finished ones.
-UPLOAD_THREADS = 4
 
 
 @dataclass
@@ -51,6 +54,8 @@ class WorkerContext:
     _inputs: Any = None
     _lora_files: Any = None
     _adapters: Any = None
+    _finisher: Any = None
+    _batch_plan: Any = None
 
     @property
     def sessions(self):
@@ -104,6 +109,35 @@ class WorkerContext:
         return self._adapters
 
     @property
+    def finisher(self):
+        """Encodes, uploads and records rendered chunks on threads while the GPU renders on."""
+        if self._finisher is None:
+            from workers.finisher import Finisher
+            from workers.uploader import Uploader
+
+            settings = self.settings
+            lease = settings.claim_lease_seconds
+            self._finisher = Finisher(
+                Uploader(self.storage, workers=settings.upload_threads, retries=settings.upload_retries),
+                record=lambda token, image_id, key, values: claims.record_success(
+                    self.sessions, token, image_id, storage_key=key, **values
+                ),
+                renew=lambda tokens: [claims.heartbeat(self.sessions, token, lease) for token in tokens],
+                renew_every=lease / 4,
+                max_pending=settings.upload_max_pending,
+            )
+        return self._finisher
+
+    @property
+    def batch_plan(self):
+        """Images rendered at once per size (configured, measured, or learned from out-of-memory)."""
+        if self._batch_plan is None:
+            from workers.batching import BatchPlan
+
+            self._batch_plan = BatchPlan(self.settings.batch_sizes)
+        return self._batch_plan
+
+    @property
     def model(self):
         if self._model is None:
             from workers.pipeline import load_pipeline
@@ -131,7 +165,7 @@ class WorkerContext:
         return self._model
 
     def after_fork(self) -> None:
-        """In a fresh pool process: drop inherited connections, load the pipeline once."""
+        """In a fresh pool process: drop inherited connections, load the pipeline once, warm it up."""
         if self.settings.torch_threads:
             import torch
 
@@ -140,23 +174,43 @@ class WorkerContext:
         self._storage = None
         self._inputs = None
         self._lora_files = None
+        self._finisher = None
+        self._batch_plan = None
         try:
             self.model  # noqa: B018 - load now, not inside the first task
-            if self.settings.render_compile:
-                from workers.speed import warmup
-
-                sizes = [
-                    tuple(int(v) for v in size.lower().split("x"))
-                    for size in self.settings.render_warmup_sizes.split(",")
-                    if size.strip()
-                ]
-                warmup(self._model.pipe, sizes, range(1, self.settings.max_batch_size + 1))
+            self.warm_up()
         except ModelLoadError:
             # Keep serving: each task then fails its images with this reason instead of the pool
             # process dying and respawning in a loop.
             log.exception("model %s could not be loaded", self.model_name)
             return
         self.advertise()
+
+    def warm_up(self) -> None:
+        """Compile the warm-up sizes (with ``render_compile``) and measure their best batch sizes
+        (``render_calibrate``; on CUDA by default), before the first task."""
+        settings = self.settings
+        sizes = settings.warmup_sizes
+        batches = range(1, settings.max_batch_size + 1)
+        if settings.render_compile:
+            from workers.speed import warmup
+
+            warmup(self._model.pipe, sizes, batches)
+        calibrate = settings.render_calibrate
+        if calibrate is None:
+            calibrate = str(self.device).startswith("cuda")
+        unmeasured = [size for size in sizes if size not in settings.batch_sizes]
+        if calibrate and unmeasured:
+            from workers.batching import BatchPlan, calibrate_pipeline
+
+            measured = calibrate_pipeline(self._model, unmeasured, settings.max_batch_size, cache_dir=settings.data_dir / "cache")
+            self._batch_plan = BatchPlan({**measured, **settings.batch_sizes})
+            log.info("batch sizes: %s", self._batch_plan.as_dict())
+
+    def close(self, timeout: float | None = None) -> None:
+        """At process exit: finish the uploads handed off (their images are recorded, not redone)."""
+        if self._finisher is not None:
+            self._finisher.close(timeout=timeout)
 
     def advertise(self) -> None:
         """Tell submitters which adapters this worker holds (affinity routing); never fails a task."""
@@ -221,48 +275,74 @@ def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str)
         if specs[0].loras:
             ctx.advertise()
 
-    # 5. render, renewing the lease and reporting progress; stop if every image was canceled
-    try:
-        batch = _render(task, ctx, claim, specs, conditions)
-    except (RenderError, ModelLoadError, ValueError) as exc:
-        claims.record_failure(ctx.sessions, claim.token, [i.id for i in images], f"{type(exc).__name__}: {exc}")
-        log.warning("batch of %d failed: %s", len(specs), exc)
-        return {"rendered": 0, "failed": len(specs)}
-    except RuntimeError as exc:  # CUDA out of memory, a kernel error…: this batch fails, the worker goes on
-        claims.record_failure(ctx.sessions, claim.token, [i.id for i in images], f"{type(exc).__name__}: {exc}")
-        log.exception("batch of %d failed", len(specs))
-        return {"rendered": 0, "failed": len(specs)}
-    if batch.interrupted:
-        return {"rendered": 0, "canceled": len(specs)}
+    # 5. render in chunks this GPU fits at this size (workers.batching), renewing the lease and
+    #    reporting progress; each chunk goes to the finisher (PNG encode, upload, then record, on
+    #    threads) while the next chunk, or the next task, renders
+    return _render_and_hand_off(task, ctx, claim, model, images, specs, conditions, lora_report)
 
-    # 6. encode + upload the PNGs on a thread pool (with their parameters), and record each image once
-    #    its own upload finished (upload first: a record never points nowhere). Leaving the ``with``
-    #    waits for this task's uploads (on an error, queued ones are dropped), so none outlives the task.
-    from workers.uploader import Uploader
 
-    recorded = 0
-    seconds_each = batch.seconds / len(specs)
-    try:
-        with Uploader(ctx.storage, workers=UPLOAD_THREADS) as uploader:
-            uploads = [_upload(ctx, uploader, image, spec, result) for image, spec, result in zip(images, specs, batch.images)]
-            for image, result, upload in zip(images, batch.images, uploads):
-                key = upload.result()  # raises this image's StorageError (or encode error)
-                recorded += claims.record_success(
-                    ctx.sessions,
-                    claim.token,
-                    image.id,
-                    storage_key=key,
-                    gpu_seconds=seconds_each,
-                    prompt_tokens=result.prompt_tokens,
-                    prompt_truncated=result.prompt_truncated,
-                    model_path=str(ctx.model.path),
-                    info={"model_hash": ctx.model.hash, "device": ctx.device, "batch_size": len(specs), "loras": lora_report},
-                )
-    except (StorageError, OperationalError) as exc:
-        # Not the images' fault: give them back and try the task again later.
-        _release_quietly(ctx, claim.token, f"retrying after {type(exc).__name__}: {exc}")
-        raise task.retry(exc=exc, countdown=_backoff(task))
-    return {"rendered": recorded, "seconds": round(batch.seconds, 3)}
+def _render_and_hand_off(task: Task, ctx: WorkerContext, claim: claims.Claim, model: str, images, specs, conditions, lora_report) -> dict:
+    from workers.batching import free_memory, is_out_of_memory
+
+    settings = ctx.settings
+    plan = ctx.batch_plan
+    width, height = specs[0].width, specs[0].height
+    give_back = _give_back(task, ctx, claim.token, model)
+    todo = list(range(len(specs)))
+    handoffs, rendered, seconds = [], 0, 0.0
+    while todo:
+        size = plan.size_for(width, height, len(todo))
+        chunk = todo[:size]
+        try:
+            batch = _render(task, ctx, claim, [specs[n] for n in chunk], [conditions[n] for n in chunk])
+        except (RenderError, ModelLoadError, ValueError, RuntimeError) as exc:
+            if size > 1 and is_out_of_memory(exc):  # fewer at once, and remember it for this size
+                free_memory(ctx.device)
+                plan.shrink(width, height, size)
+                continue
+            # CUDA out of memory at one image, a kernel error, a batch the model cannot render: the
+            # images not rendered yet fail with the reason; the worker goes on with the next task
+            claims.record_failure(ctx.sessions, claim.token, [images[n].id for n in todo], f"{type(exc).__name__}: {exc}")
+            (log.exception if type(exc) is RuntimeError else log.warning)("batch of %d failed: %s", len(todo), exc)
+            return {"rendered": rendered, "failed": len(todo), "chunks": len(handoffs)}
+        if batch.interrupted:  # every image of the claim was canceled
+            return {"rendered": rendered, "canceled": len(todo), "chunks": len(handoffs)}
+        seconds_each = batch.seconds / len(chunk)
+        items = [
+            _finish_item(ctx, images[n], specs[n], result, seconds_each=seconds_each, batch_size=len(chunk), loras=lora_report)
+            for n, result in zip(chunk, batch.images)
+        ]
+        handoffs.append(ctx.finisher.hand_off(claim.token, items, give_back))
+        rendered += len(chunk)
+        seconds += batch.seconds
+        todo = todo[size:]
+    outcome = {"rendered": rendered, "seconds": round(seconds, 3), "chunks": len(handoffs)}
+    if not settings.render_overlap_tasks:  # acked only once each image is recorded (or given back)
+        ctx.finisher.wait(handoffs)
+        outcome["recorded"] = sum(len(h.recorded) for h in handoffs)
+        outcome["queued_again"] = sum(len(h.failed) for h in handoffs)
+    return outcome
+
+
+#: Seconds before images that could not be stored are delivered again (after the uploader's retries).
+REQUEUE_DELAY = 30
+
+
+def _give_back(task: Task, ctx: WorkerContext, token: str, model: str):
+    """What the finisher calls for rendered images it could not store or record: queue them again
+    (counted as an attempt: after ``MAX_ATTEMPTS`` they fail, with the storage error as the reason)."""
+    task_id = task.request.id
+    queue = ctx.settings.queue_for(model)
+
+    def give_back(image_ids: list[str], error: BaseException) -> None:
+        note = f"queued again after {type(error).__name__}: {error}"
+        if claims.release(ctx.sessions, token, note=note, image_ids=image_ids, count_attempt=True):
+            task.apply_async(
+                kwargs={"image_ids": image_ids, "model": model}, countdown=REQUEUE_DELAY, queue=queue, task_id=task_id
+            )
+            log.warning("%d image(s) queued again: %s", len(image_ids), note)
+
+    return give_back
 
 
 def _activate_loras(ctx: WorkerContext, loras) -> list[dict]:
@@ -326,8 +406,11 @@ def _render(task: Task, ctx: WorkerContext, claim: claims.Claim, specs: list[Ima
     )
 
 
-def _upload(ctx: WorkerContext, uploader, image: ImageRecord, spec: ImageSpec, result):
-    """Queue the image's PNG encode + upload on ``uploader``; the future resolves to its key."""
+def _finish_item(ctx: WorkerContext, image: ImageRecord, spec: ImageSpec, result, *, seconds_each: float, batch_size: int, loras):
+    """What the finisher needs for one rendered image: its key, its PNG (encoded on a pool thread,
+    with the A1111 parameters and the farm's spec), the object's metadata and the record's values."""
+    from workers.finisher import Item
+
     model = ctx.model
     parameters = a1111_parameters(spec.params(), model_name=spec.model, model_hash=model.hash, extra=a1111_extra(spec))
     full_spec = {
@@ -337,11 +420,10 @@ def _upload(ctx: WorkerContext, uploader, image: ImageRecord, spec: ImageSpec, r
         "model_hash": model.hash,
         "model_path": str(model.path),
     }
-    key = image_key(image.submission_id, image.id)
-    return uploader.submit(
-        key,
-        lambda: encode_png(result.image, parameters=parameters, spec=full_spec),  # runs in the pool
-        content_type="image/png",
+    return Item(
+        image_id=image.id,
+        key=image_key(image.submission_id, image.id),
+        make=lambda: encode_png(result.image, parameters=parameters, spec=full_spec),
         metadata={
             "farm-image-id": image.id,
             "farm-submission-id": image.submission_id,
@@ -352,14 +434,14 @@ def _upload(ctx: WorkerContext, uploader, image: ImageRecord, spec: ImageSpec, r
             "farm-size": f"{spec.width}x{spec.height}",
             "farm-model-hash": model.hash,
         },
+        values={
+            "gpu_seconds": seconds_each,
+            "prompt_tokens": result.prompt_tokens,
+            "prompt_truncated": result.prompt_truncated,
+            "model_path": str(model.path),
+            "info": {"model_hash": model.hash, "device": ctx.device, "batch_size": batch_size, "loras": loras},
+        },
     )
-
-
-def _release_quietly(ctx: WorkerContext, token: str, note: str) -> None:
-    try:
-        claims.release(ctx.sessions, token, note=note)
-    except Exception:  # the database may be what failed; the lease expires on its own
-        log.exception("could not release claim %s", token)
 
 
 def _backoff(task: Task) -> float:

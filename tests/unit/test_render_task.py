@@ -1,0 +1,181 @@
+"""workers.tasks.run_render past the claim, with the database and the GPU faked: chunks, out-of-memory,
+hand-off to the finisher, images given back when they cannot be stored."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from farm import claims
+from farm.errors import StorageError
+from farm.keys import image_key
+from farm.pnginfo import read_png_metadata
+from farm.settings import Settings
+from farm.spec import ImageSpec
+from farm.storage import FileStorage
+from workers import tasks
+from workers.render import BatchResult, Rendered
+
+
+class SlowFailingStorage(FileStorage):
+    """File storage whose puts take ``delay`` s; keys listed in ``fail`` always fail."""
+
+    def __init__(self, root, *, delay: float = 0.0, fail: set[str] | None = None):
+        super().__init__(root)
+        self.delay = delay
+        self.fail = fail or set()
+
+    def put(self, key, data, **kwargs):
+        time.sleep(self.delay)
+        if key in self.fail:
+            raise StorageError(f"S3 put failed: SlowDown ({key})")
+        super().put(key, data, **kwargs)
+
+
+@dataclass
+class Run:
+    """A fake claim of ``n`` images and what the task did with them."""
+
+    outcome: object = None
+    ctx: object = None
+    images: list = field(default_factory=list)
+    recorded: dict = field(default_factory=dict)  # image id -> (was it in storage then, values)
+    failed: dict = field(default_factory=dict)  # image id -> error
+    released: list = field(default_factory=list)  # (ids, note, count_attempt)
+    republished: list = field(default_factory=list)  # apply_async kwargs
+    chunks: list = field(default_factory=list)  # batch sizes rendered
+
+    def key(self, n: int) -> str:
+        image = self.images[n]
+        return image_key(image.submission_id, image.id)
+
+
+def run_task(
+    monkeypatch, tmp_path, storage, n: int = 4, *, oom_above: int | None = None, unstorable: int | None = None, **settings
+) -> Run:
+    run = Run()
+    specs = [
+        ImageSpec(prompt="a cat", negative_prompt="", seed=s, steps=4, guidance_scale=7.5, width=64, height=64,
+                  scheduler="dpmpp_2m", model="tiny")
+        for s in range(n)
+    ]
+    run.images = [SimpleNamespace(id=uuid.uuid4().hex, submission_id=uuid.uuid4().hex, params=s.params()) for s in specs]
+    if unstorable is not None:
+        storage.fail.add(run.key(unstorable))
+    lock = threading.Lock()
+
+    def record_success(sessions, token, image_id, *, storage_key, **values):
+        with lock:
+            run.recorded[image_id] = (storage.exists(storage_key), values)  # uploaded before the record?
+        return True
+
+    def record_failure(sessions, token, image_ids, error):
+        run.failed.update({i: error for i in image_ids})
+        return len(image_ids)
+
+    def release(sessions, token, *, note=None, image_ids=None, count_attempt=False):
+        run.released.append((image_ids, note, count_attempt))
+        return len(image_ids or [])
+
+    def render(task, ctx, claim, chunk_specs, conditions):
+        if oom_above is not None and len(chunk_specs) > oom_above:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        run.chunks.append(len(chunk_specs))
+        images = [Rendered(image=Image.new("RGB", (64, 64), (s.seed * 40, 0, 0)), prompt_tokens=2, prompt_truncated=False)
+                  for s in chunk_specs]
+        return BatchResult(images=images, seconds=0.5 * len(chunk_specs), interrupted=False)
+
+    monkeypatch.setattr(claims, "claim", lambda *a, **k: claims.Claim(token="t", images=run.images))
+    monkeypatch.setattr(claims, "record_success", record_success)
+    monkeypatch.setattr(claims, "record_failure", record_failure)
+    monkeypatch.setattr(claims, "release", release)
+    monkeypatch.setattr(claims, "heartbeat", lambda *a, **k: 1)
+    monkeypatch.setattr(tasks, "_fetch_inputs", lambda ctx, claim, specs: (run.images, specs, [None] * len(specs)))
+    monkeypatch.setattr(tasks, "_activate_loras", lambda ctx, loras: [])
+    monkeypatch.setattr(tasks, "_render", render)
+
+    options = {"upload_retries": 0, **settings}
+    ctx = tasks.WorkerContext(settings=Settings(data_dir=tmp_path, **options), model_name="tiny", device="cpu")
+    ctx._storage = storage
+    ctx._sessions = object()
+    ctx._model = SimpleNamespace(hash="abcdef1234", path="/models/tiny")
+    task = SimpleNamespace(
+        request=SimpleNamespace(hostname="h", retries=0, id="task-1"),
+        apply_async=lambda **kwargs: run.republished.append(kwargs),
+    )
+    run.ctx = ctx
+    run.outcome = tasks.run_render(task, ctx, [i.id for i in run.images], "tiny")
+    return run
+
+
+def test_the_task_returns_before_its_uploads_and_each_image_is_recorded_after_its_upload(monkeypatch, tmp_path) -> None:
+    storage = SlowFailingStorage(tmp_path / "store", delay=0.3)
+    started = time.perf_counter()
+    run = run_task(monkeypatch, tmp_path, storage)
+    assert time.perf_counter() - started < 0.3  # acked while the PNGs upload: the next task renders
+    assert run.outcome == {"rendered": 4, "seconds": 2.0, "chunks": 1}
+    assert run.ctx.finisher.wait(timeout=10)
+    assert len(run.recorded) == 4 and all(uploaded for uploaded, _ in run.recorded.values())
+    assert not run.released and not run.failed
+    parameters, spec = read_png_metadata(storage.get(run.key(2)))
+    assert spec["seed"] == 2 and "Seed: 2" in parameters
+    assert storage.head(run.key(2))["farm-seed"] == "2"
+    values = run.recorded[run.images[0].id][1]
+    assert values["gpu_seconds"] == 0.5 and values["info"]["batch_size"] == 4
+
+
+def test_without_overlap_the_task_returns_once_its_images_are_recorded(monkeypatch, tmp_path) -> None:
+    storage = SlowFailingStorage(tmp_path / "store", delay=0.1)
+    run = run_task(monkeypatch, tmp_path, storage, render_overlap_tasks=False)
+    assert run.outcome == {"rendered": 4, "seconds": 2.0, "chunks": 1, "recorded": 4, "queued_again": 0}
+    assert len(run.recorded) == 4
+
+
+def test_a_task_renders_in_the_chunks_set_for_its_size(monkeypatch, tmp_path) -> None:
+    storage = FileStorage(tmp_path / "store")
+    run = run_task(monkeypatch, tmp_path, storage, n=8, max_batch_size=8, render_batch_sizes="64x64=3,512x512=8")
+    run.ctx.finisher.wait(timeout=10)
+    assert run.chunks == [3, 3, 2]
+    assert run.outcome["chunks"] == 3 and run.outcome["rendered"] == 8
+    assert sorted(v["info"]["batch_size"] for _, v in run.recorded.values()) == [2, 2, 3, 3, 3, 3, 3, 3]
+
+
+def test_out_of_memory_halves_the_chunk_and_the_worker_remembers_it(monkeypatch, tmp_path) -> None:
+    storage = FileStorage(tmp_path / "store")
+    run = run_task(monkeypatch, tmp_path, storage, n=8, max_batch_size=8, oom_above=2)
+    run.ctx.finisher.wait(timeout=10)
+    assert run.chunks == [2, 2, 2, 2]  # 8 and 4 ran out of memory; nothing failed
+    assert len(run.recorded) == 8 and not run.failed
+    assert run.ctx.batch_plan.as_dict() == {"64x64": 2}
+
+
+def test_out_of_memory_at_one_image_fails_the_images_with_the_reason(monkeypatch, tmp_path) -> None:
+    storage = FileStorage(tmp_path / "store")
+    run = run_task(monkeypatch, tmp_path, storage, n=3, oom_above=0)
+    assert run.outcome == {"rendered": 0, "failed": 3, "chunks": 0}
+    assert len(run.failed) == 3 and all("OutOfMemoryError" in e and "out of memory" in e for e in run.failed.values())
+
+
+def test_images_that_cannot_be_stored_are_queued_again_as_an_attempt(monkeypatch, tmp_path) -> None:
+    storage = SlowFailingStorage(tmp_path / "store")
+    run = run_task(monkeypatch, tmp_path, storage, unstorable=1, render_overlap_tasks=False, upload_retries=1)
+    bad = run.images[1].id
+    assert run.outcome["recorded"] == 3 and run.outcome["queued_again"] == 1
+    assert bad not in run.recorded and not run.failed and not storage.exists(run.key(1))
+    [(ids, note, counted)] = run.released
+    assert ids == [bad] and counted is True and "StorageError" in note and "SlowDown" in note
+    [again] = run.republished
+    assert again["kwargs"] == {"image_ids": [bad], "model": "tiny"}
+    assert again["task_id"] == "task-1" and again["countdown"] == tasks.REQUEUE_DELAY and again["queue"] == "farm.tiny"
+
+
+def test_bad_batch_sizes_are_refused_at_start() -> None:
+    with pytest.raises(ValueError, match="render_batch_sizes"):
+        Settings(render_batch_sizes="512x512")
