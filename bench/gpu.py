@@ -10,9 +10,11 @@ On the same pipeline object, in this order:
 3. the farm: ``workers.speed.optimize`` (its device defaults, ``--compile`` adds torch.compile and a
    warm-up), ``workers.render.render_batch`` at each batch size, then at the best one end to end
    over ``--images`` images: render, PNG encode with A1111 metadata (``farm.pnginfo.encode_png``) and
-   upload through ``farm.storage.S3Storage`` to a local ``moto_server`` over HTTP, on
-   ``workers.uploader.Uploader`` threads, waiting for each batch's uploads before the next batch as
-   ``workers.tasks.run_render`` does (a task acks only after its uploads). No database writes.
+   upload through ``farm.storage.S3Storage`` to a local ``moto_server`` over HTTP, handed to
+   ``workers.finisher.Finisher`` as ``workers.tasks.run_render`` does, so the next batch renders while
+   the last one uploads; once more waiting for each batch's uploads (``FARM_RENDER_OVERLAP_TASKS=0``)
+   for comparison. ``gpu_idle_percent``: the share of the time between the first render's start and the
+   last one's end spent outside ``render_batch``. No database writes.
 
 Then one instrumented batch splits the time per image into text encode, denoise (UNet + scheduler),
 VAE decode (+ conversion to PIL); PNG encode and upload come from the end-to-end run (thread time,
@@ -47,7 +49,8 @@ KEYS = (
     "device", "model", "size", "steps", "scheduler", "farm_images_per_s", "farm_batch", "farm_options",
     "diffusers_b1_images_per_s", "diffusers_best_images_per_s", "diffusers_best_batch", "ratio_vs_b1",
     "ratio_vs_best", "diffusers_images_per_s", "farm_render_images_per_s", "ms_per_image",
-    "upload_wait_ms_per_image", "peak_memory_mb", "seconds",
+    "upload_wait_ms_per_image", "gpu_idle_percent", "farm_no_overlap_images_per_s", "no_overlap_gpu_idle_percent",
+    "peak_memory_mb", "seconds",
 )
 PHASES = ("text_encode", "denoise", "vae_decode", "png_encode", "upload")
 PROMPT = "a red circle on a blue background, highly detailed"
@@ -248,46 +251,62 @@ def phase_timer(pipe, device: str) -> Iterator[dict[str, float]]:
 
 
 def end_to_end(model, device: str, storage, *, batch: int, images: int, size: int, steps: int, scheduler: str,
-               threads: int) -> dict[str, float]:
-    """Render ``images`` images in batches of ``batch``, PNG-encode and upload each (as a task does)."""
+               threads: int, overlap: bool = True) -> dict[str, float]:
+    """Render ``images`` images in batches of ``batch`` and finish each (PNG encode + upload) as a worker
+    does: handed to ``workers.finisher.Finisher`` while the next batch renders (``overlap``), or waited
+    for after each batch (a task that acks only after its uploads). No database: records are no-ops."""
     from farm.keys import image_key
     from farm.pnginfo import a1111_parameters, encode_png
+    from workers.finisher import Finisher, Item
     from workers.render import render_batch
     from workers.uploader import Uploader
 
     batches = max(1, images // batch)
-    waited = 0.0
-    with Uploader(storage, workers=threads) as uploader:
+    rendering = 0.0  # seconds inside render_batch (the GPU's work, synchronised)
+    uploader = Uploader(storage, workers=threads)
+    finisher = Finisher(uploader, record=lambda *args: True, renew=lambda tokens: None, renew_every=60.0)
+    _sync(device)
+    started = time.perf_counter()
+    first_render = last_render = started
+    for b in range(batches):
+        specs = specs_for(batch, size, steps, scheduler, first_seed=1000 + b * batch)
+        render_started = time.perf_counter()
+        if b == 0:
+            first_render = render_started
+        result = render_batch(model, specs, base_scheduler_config=model.scheduler_config)
         _sync(device)
-        started = time.perf_counter()
-        for b in range(batches):
-            specs = specs_for(batch, size, steps, scheduler, first_seed=1000 + b * batch)
-            result = render_batch(model, specs, base_scheduler_config=model.scheduler_config)
-            submission = uuid.uuid4().hex
-            futures = []
-            for n, (spec, rendered) in enumerate(zip(specs, result.images)):
-                parameters = a1111_parameters(spec.params(), model_name="bench", model_hash=model.hash)
-
-                def png(image=rendered.image, parameters=parameters, spec=spec):
-                    return encode_png(image, parameters=parameters, spec=spec.params())
-
-                futures.append(uploader.submit(
-                    image_key(submission, uuid.uuid4().hex), png, "image/png",
-                    {"farm-seed": str(spec.seed), "farm-size": f"{size}x{size}"},
-                ))
-            wait_started = time.perf_counter()
-            for future in futures:  # a task records each image after its upload, then acks
-                future.result()
-            waited += time.perf_counter() - wait_started
-        seconds = time.perf_counter() - started
-        uploaded = max(1, uploader.uploaded)
-        return {
-            "images": batches * batch,
-            "seconds": seconds,
-            "png_encode_s": uploader.encode_seconds / uploaded,
-            "upload_s": uploader.upload_seconds / uploaded,
-            "wait_s": waited / (batches * batch),
-        }
+        last_render = time.perf_counter()
+        rendering += last_render - render_started
+        submission = uuid.uuid4().hex
+        items = []
+        for spec, rendered in zip(specs, result.images):
+            parameters = a1111_parameters(spec.params(), model_name="bench", model_hash=model.hash)
+            items.append(Item(
+                image_id=uuid.uuid4().hex, key=image_key(submission, uuid.uuid4().hex),
+                make=lambda image=rendered.image, parameters=parameters, spec=spec: encode_png(
+                    image, parameters=parameters, spec=spec.params()
+                ),
+                metadata={"farm-seed": str(spec.seed), "farm-size": f"{size}x{size}"},
+            ))
+        handoff = finisher.hand_off(f"bench-{b}", items)
+        if not overlap:
+            handoff.wait()
+    finisher.close()
+    seconds = time.perf_counter() - started
+    uploaded = max(1, uploader.uploaded)
+    span = last_render - first_render
+    return {
+        "images": batches * batch,
+        "seconds": seconds,
+        "png_encode_s": uploader.encode_seconds / uploaded,
+        "upload_s": uploader.upload_seconds / uploaded,
+        # time the renders waited for the previous batch's uploads (or anything else), per image
+        "wait_s": (span - rendering) / (batches * batch),
+        # between the first render's start and the last render's end, the share spent outside render_batch
+        "idle_percent": 100.0 * (span - rendering) / span if span > 0 else 0.0,
+        # after the last render: the final uploads (the only ones a worker's next task would not hide)
+        "drain_s": seconds - (last_render - started),
+    }
 
 
 def peak_memory_mb(device: str) -> float:
@@ -387,10 +406,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with moto_s3() as endpoint:
         storage = S3Storage(f"bench-{uuid.uuid4().hex[:12]}", endpoint_url=endpoint, region="us-east-1")
         storage.ensure_bucket()
-        e2e = end_to_end(model, device, storage, batch=farm_best, images=args.images, size=args.size,
-                         steps=args.steps, scheduler=args.scheduler, threads=args.upload_threads)
+        run = dict(batch=farm_best, images=args.images, size=args.size, steps=args.steps, scheduler=args.scheduler,
+                   threads=args.upload_threads)
+        waiting = end_to_end(model, device, storage, overlap=False, **run)
+        e2e = end_to_end(model, device, storage, overlap=True, **run)
     farm_ips = e2e["images"] / e2e["seconds"]
-    print(f"farm end to end: {e2e['images']} images in {e2e['seconds']:.2f} s at batch {farm_best}", flush=True)
+    waiting_ips = waiting["images"] / waiting["seconds"]
+    print(f"farm end to end: {e2e['images']} images in {e2e['seconds']:.2f} s at batch {farm_best} "
+          f"(GPU idle {e2e['idle_percent']:.1f}%; waiting for each batch's uploads: {waiting['seconds']:.2f} s, "
+          f"idle {waiting['idle_percent']:.1f}%)", flush=True)
 
     ms = lambda seconds: round(seconds * 1000, 3)  # noqa: E731
     per_image = {
@@ -420,6 +444,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "farm_render_images_per_s": {str(b): round(v, 3) for b, v in farm_figures.items()},
         "ms_per_image": per_image,
         "upload_wait_ms_per_image": ms(e2e["wait_s"]),
+        "gpu_idle_percent": round(e2e["idle_percent"], 2),
+        "final_drain_ms": ms(e2e["drain_s"]),
+        "farm_no_overlap_images_per_s": round(waiting_ips, 3),
+        "no_overlap_gpu_idle_percent": round(waiting["idle_percent"], 2),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.startswith("cuda") else "process max RSS",
         "torch": torch.__version__,

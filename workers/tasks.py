@@ -206,6 +206,13 @@ class WorkerContext:
             measured = calibrate_pipeline(self._model, unmeasured, settings.max_batch_size, cache_dir=settings.data_dir / "cache")
             self._batch_plan = BatchPlan({**measured, **settings.batch_sizes})
             log.info("batch sizes: %s", self._batch_plan.as_dict())
+            capped = {f"{w}x{h}": n for (w, h), n in measured.items() if n >= settings.max_batch_size}
+            if capped:
+                log.warning(
+                    "best batch reached FARM_MAX_BATCH_SIZE=%d at %s: tasks carry at most that many images; "
+                    "raise it on the submitters and workers to try larger chunks",
+                    settings.max_batch_size, capped,
+                )
 
     def close(self, timeout: float | None = None) -> None:
         """At process exit: finish the uploads handed off (their images are recorded, not redone)."""

@@ -36,6 +36,8 @@ def test_cpu_tiny_run_prints_every_key(capsys) -> None:
     assert all(value > 0 for value in report["ms_per_image"].values()), report["ms_per_image"]
     assert set(report["diffusers_images_per_s"]) == set(report["farm_render_images_per_s"]) == {"1", "2"}
     assert report["farm_batch"] in (1, 2)
+    assert 0 <= report["gpu_idle_percent"] < 100 and 0 <= report["no_overlap_gpu_idle_percent"] < 100
+    assert report["farm_no_overlap_images_per_s"] > 0
     ratio = report["farm_images_per_s"] / report["diffusers_b1_images_per_s"]
     assert abs(report["ratio_vs_b1"] - ratio) < 0.01 * ratio  # both rounded to 3 decimals
 
