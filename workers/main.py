@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from celery.signals import worker_process_init, worker_process_shutdown
 
@@ -38,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = Settings()
+    # torch.compile's kernels and graphs cached on disk: a restarted worker warms up in seconds
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.data_dir / "cache" / "inductor"))
     logging.basicConfig(level=args.loglevel, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
     context = WorkerContext(settings=settings, model_name=args.model, device=args.device, node=args.name)
     app = make_celery(settings)

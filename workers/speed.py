@@ -2,7 +2,9 @@
 
 :func:`optimize` applies the knobs to a pipeline in place and returns what it applied (for logs and
 the benchmark's JSON); :func:`warmup` renders each bucketed shape once so that ``torch.compile``
-compiles at worker start, not inside the first task. :func:`defaults` is what a device gets when a
+compiles at worker start, not inside the first task, and :func:`freeze_compiled_shapes` then runs
+any other shape eagerly instead of stopping the worker for minutes to compile it (the buckets are the
+warm-up sizes × batches 1…``FARM_MAX_BATCH_SIZE``). :func:`defaults` is what a device gets when a
 knob is left as ``None``.
 
 What each knob does and why its default is what it is:
@@ -133,6 +135,15 @@ def unfuse_qkv(pipe: Any) -> bool:
         return False
     pipe.unfuse_qkv_projections(unet=True, vae=True)
     return True
+
+
+def freeze_compiled_shapes() -> None:
+    """From now on, a shape without compiled code runs eagerly (``torch.compiler.set_stance``
+    ``"eager_on_recompile"``): shapes compiled at warm-up keep their compiled code, and a request
+    at an unusual size costs an eager render, not a compile stall of minutes. Process-wide."""
+    import torch
+
+    torch.compiler.set_stance("eager_on_recompile")
 
 
 def warmup(

@@ -213,6 +213,10 @@ class WorkerContext:
                     "raise it on the submitters and workers to try larger chunks",
                     settings.max_batch_size, capped,
                 )
+        if settings.render_compile:
+            from workers.speed import freeze_compiled_shapes
+
+            freeze_compiled_shapes()
 
     def close(self, timeout: float | None = None) -> None:
         """At process exit: finish the uploads handed off (their images are recorded, not redone)."""

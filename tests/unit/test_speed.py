@@ -77,3 +77,28 @@ def test_warmup_renders_each_shape(models_dir: Path) -> None:
     assert set(took) == {"64x64@1", "64x64@2", "64x128@1", "64x128@2"}
     assert all(seconds > 0 for seconds in took.values())
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_after_warmup_other_shapes_run_eagerly_instead_of_compiling(models_dir: Path) -> None:
+    """torch.compile on CPU (~1 min): the warm-up shape is compiled; afterwards a batch of another
+    size renders at once, eagerly, with no new graph, and the compiled shape keeps its code."""
+    from torch._dynamo.utils import counters
+
+    from workers.speed import freeze_compiled_shapes
+
+    model = load_pipeline("tiny", BUILTIN_TINY, models_dir=models_dir, device="cpu", speed=OFF)
+    eager = _render(model.pipe)  # batch 2, before compiling
+    optimize(model.pipe, device="cpu", compile=True)
+    try:
+        warmup(model.pipe, [(64, 64)], 1)
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 1
+        freeze_compiled_shapes()
+        frozen = _render(model.pipe)  # batch 2 was never compiled: eager, no compile
+        assert counters["stats"]["unique_graphs"] == graphs
+        assert np.abs(frozen - eager).max() <= 1 / 255
+        took = warmup(model.pipe, [(64, 64)], 1)  # the compiled shape still runs (no recompile)
+        assert counters["stats"]["unique_graphs"] == graphs and took["64x64@1"] < 10
+    finally:
+        torch.compiler.set_stance("default")
+        torch._dynamo.reset()
