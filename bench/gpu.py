@@ -10,7 +10,7 @@ On the same pipeline object, in this order:
 3. the farm: ``workers.speed.optimize`` (its device defaults, ``--compile`` adds torch.compile and a
    warm-up), ``workers.render.render_batch`` at each batch size, then at the best one end to end
    over ``--images`` images: render, PNG encode with A1111 metadata (``farm.pnginfo.encode_png``) and
-   upload through ``farm.storage.S3Storage`` to a local ``moto_server`` over HTTP, handed to
+   upload through ``farm.s3.S3Storage`` to a local ``moto_server`` over HTTP, handed to
    ``workers.finisher.Finisher`` as ``workers.tasks.run_render`` does, so the next batch renders while
    the last one uploads; once more waiting for each batch's uploads (``FARM_RENDER_OVERLAP_TASKS=0``)
    for comparison. ``gpu_idle_percent``: the share of the time between the first render's start and the
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-    from farm.storage import S3Storage
+    from farm.s3 import S3Storage
     from workers.pipeline import LoadedModel, load_pipeline
     from workers.schedulers import make_scheduler
     from workers.speed import optimize, warmup

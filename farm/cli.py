@@ -1,49 +1,26 @@
-"""The ``farm`` command. Every error is one clear line on stderr and a non-zero exit, not a traceback."""
+"""The ``farm`` command. Every error is one clear line on stderr and a non-zero exit, not a traceback.
+
+This module holds the group and the one-shot commands (submit, status, wait, …, db, model). The
+larger groups live beside it and are registered here: ``farm campaign`` (``farm.cli_campaign``),
+``farm lora`` (``farm.cli_lora``), ``farm model evaluate`` (``farm.cli_model_evaluate``); what they
+all share (settings, errors, exit codes) is ``farm.cli_common``.
+"""
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import click
-import pydantic
 
+from farm.cli_campaign import campaign
+from farm.cli_common import EXIT_FAILED, handles_errors
+from farm.cli_common import load_settings as _settings
+from farm.cli_common import open_farm as _farm
+from farm.cli_lora import lora
 from farm.cli_model_evaluate import evaluate as model_evaluate
-from farm.errors import FarmError, ValidationError
-from farm.settings import Settings
-
-EXIT_FAILED = 1  # the work ran and did not (all) succeed
-EXIT_ERROR = 2  # the command could not do what was asked
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        variable = "FARM_" + "__".join(str(p) for p in first["loc"]).upper()
-        raise click.ClickException(f"bad setting {variable}: {first['msg']}") from None
-
-
-def handles_errors(func):
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except FarmError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_ERROR)
-
-    return wrapper
-
-
-def _farm():
-    from farm.client import Farm
-
-    return Farm(_settings())
+from farm.errors import ValidationError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -222,130 +199,8 @@ def worker(model, gpus, cpu, name, processes, loglevel):
     sys.exit(launcher.run(settings, model=model, slots=slots, loglevel=loglevel))
 
 
-@main.group()
-def campaign() -> None:
-    """Campaigns: many images from a prompt file × sweeps, resumable, exported as datasets."""
-
-
-@campaign.command("submit")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--name", required=True, help="The campaign's name (re-submitting to it adds only what is new).")
-@click.option("--sweep", "sweeps", multiple=True, help="FIELD=V1,V2,… expanded as a product, e.g. seed=1,2,3.")
-@click.option("--dry-run", is_flag=True, help="Print the image count and a GPU-time estimate; submit nothing.")
-@click.option("--priority", type=click.IntRange(0, 9), default=None, help="0 first … 9 last (default FARM_CAMPAIGN_PRIORITY).")
-@handles_errors
-def campaign_submit(file, name, sweeps, dry_run, priority):
-    """Expand FILE (JSONL, CSV or Parquet of prompts) × sweeps and queue what is new."""
-    def show_total(report):
-        if not dry_run:
-            click.echo(
-                f"{report.campaign}: {report.total} image(s) in the input × sweeps; "
-                f"estimated GPU time {timedelta(seconds=round(report.estimated_gpu_seconds))}; submitting…",
-                err=True,
-            )
-
-    with _farm() as farm:
-        report = farm.campaign(name).submit(
-            file, sweeps=list(sweeps), dry_run=dry_run, priority=priority, on_total=show_total
-        )
-        click.echo(str(report))
-
-
-@campaign.command("status")
-@click.argument("name")
-@handles_errors
-def campaign_status(name):
-    """Counts by state, images/s, ETA and failures by reason."""
-    with _farm() as farm:
-        click.echo(str(farm.campaign(name).status()))
-
-
-def _campaign_action(verb: str, doc: str):
-    @handles_errors
-    def action(name):
-        with _farm() as farm:
-            count = getattr(farm.campaign(name), verb.replace("-", "_"))()
-        click.echo(f"{name}: {verb} {count} image(s)")
-
-    action.__doc__ = doc
-    campaign.command(verb)(click.argument("name")(action))
-
-
-_campaign_action("pause", "Hold back queued images (running batches finish).")
-_campaign_action("resume", "Queue held images again.")
-_campaign_action("cancel", "Drop queued and held images; running batches stop at their next step.")
-_campaign_action("retry-failed", "Queue failed images again.")
-
-
-@campaign.command("wait")
-@click.argument("name")
-@click.option("--timeout", type=float, default=None)
-@click.option("--progress/--no-progress", default=True, show_default=True)
-@handles_errors
-def campaign_wait(name, timeout, progress):
-    """Wait until nothing is queued or running; exit 0 only if no image failed."""
-    with _farm() as farm:
-        final = farm.campaign(name).wait(timeout=timeout, progress=progress)
-    click.echo(str(final))
-    sys.exit(0 if final.counts["failed"] == 0 else EXIT_FAILED)
-
-
-@campaign.command("export")
-@click.argument("name")
-@click.argument("dest")
-@click.option("--format", "fmt", type=click.Choice(["imagefolder", "webdataset"]), default="imagefolder", show_default=True)
-@click.option("--shard-size", type=int, default=1000, show_default=True, help="Images per WebDataset shard.")
-@handles_errors
-def campaign_export(name, dest, fmt, shard_size):
-    """Export finished images to DEST (a folder or s3://bucket/prefix); runs again add only new ones."""
-    with _farm() as farm:
-        click.echo(str(farm.campaign(name).export(dest, fmt=fmt, shard_size=shard_size)))
-
-
-@campaign.command("sheet")
-@click.argument("name")
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--sample", type=int, default=16, show_default=True)
-@handles_errors
-def campaign_sheet(name, out, sample):
-    """A contact sheet (grid PNG with prompts) of a sample of the campaign."""
-    with _farm() as farm:
-        click.echo(str(farm.campaign(name).contact_sheet(out, sample=sample)))
-
-
-@main.group()
-def lora() -> None:
-    """The LoRA registry: safetensors files stored once by sha256, named for jobs."""
-
-
-@lora.command("add")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--name", required=True, help="The name jobs use: loras=[{\"name\": NAME, \"weight\": 0.8}].")
-@handles_errors
-def lora_add(file, name):
-    """Check FILE (safetensors; diffusers or kohya layout; layers of a known base), upload, register."""
-    with _farm() as farm:
-        record = farm.add_lora(file, name)
-    click.echo(f"{record.name}: {record.sha256} ({record.format}, fits {record.base}, {record.layers} layers, {record.size} bytes)")
-
-
-@lora.command("list")
-@handles_errors
-def lora_list():
-    """Registered LoRAs."""
-    with _farm() as farm:
-        for record in farm.list_loras():
-            click.echo(f"{record.name}\t{record.sha256}\t{record.format}\t{record.base}\t{record.size}")
-
-
-@lora.command("rm")
-@click.argument("name")
-@handles_errors
-def lora_rm(name):
-    """Forget a name (the stored file stays for other names and past images)."""
-    with _farm() as farm:
-        farm.remove_lora(name)
-    click.echo(f"removed {name}")
+main.add_command(campaign)
+main.add_command(lora)
 
 
 @main.group()

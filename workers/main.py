@@ -19,7 +19,8 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from farm.celery_app import make_celery
 from farm.routing import own_queue, routes
 from farm.settings import Settings
-from workers.tasks import WorkerContext, register
+from workers.context import WorkerContext
+from workers.tasks import register
 
 
 #: At a warm shutdown, seconds a pool process waits for its pending uploads (then their leases run

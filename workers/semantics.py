@@ -1,12 +1,16 @@
 """Semantic checks for the shapes model: does an image show what its prompt asked for?
 
-Everything here measures meaning with plain image analysis (no learned judge):
+Everything here measures meaning with plain image analysis (no learned judge). This module holds
+rendering through the farm's own path and the checks, and re-exports the rest so that
+``workers.semantics`` stays the one module to import:
 
 * the procedural world the shapes model was trained on (:data:`COLOURS`, :data:`SHAPES`,
-  :func:`draw`, :func:`caption`, the held-out split :func:`split`), deterministic from a seed;
+  :func:`draw`, :func:`caption`, the held-out split :func:`split`), deterministic from a seed, lives
+  in ``workers.shape_data``;
 * :func:`analyse`: background colour (median of the border), foreground colour (median of the
   pixels far from the background, nearest named colour) and shape class (best overlap of the
-  foreground with ideal circle/square/triangle/cross masks fitted to its bounding box);
+  foreground with ideal circle/square/triangle/cross masks fitted to its bounding box), with the
+  other image measures, lives in ``workers.image_analysis``;
 * :func:`evaluate`: render the held-out captions with the farm's own loader and renderer and report
   colour/background/shape accuracy;
 * reusable checks (guidance, negative prompt, img2img, inpainting, LoRA), each a function that
@@ -20,247 +24,29 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-# -- the world ----------------------------------------------------------------------------------------
+from farm.settings import shipped_model
 
-#: Named colours (sRGB). Far apart in RGB so the nearest named colour is unambiguous.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "orange": (245, 140, 20),
-    "yellow": (240, 220, 40),
-    "green": (30, 160, 50),
-    "blue": (30, 70, 220),
-    "purple": (140, 40, 180),
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-}
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
-#: Every word a caption uses (the tokenizer gets exactly these as whole-word tokens).
-WORDS: tuple[str, ...] = ("a", "on", "shape", "background", *COLOURS, *SHAPES)
-
-IMAGE_SIZE = 64
-#: Shape side as a fraction of the image side (40-80 % of the image, so shapes stay readable).
-MIN_FRAC, MAX_FRAC = 0.45, 0.78
-#: Pixels of background kept around the shape (the border is what the background is read from).
-MARGIN = 4
-SUPERSAMPLE = 4
-
-#: Held-out (colour, shape, background) triples: never drawn for training, used for evaluation.
-HELD_OUT_COUNT = 32
-SPLIT_SEED = 1234
-
-
-@dataclass(frozen=True)
-class Scene:
-    colour: str
-    shape: str
-    background: str
-    size: float  # side in pixels (at IMAGE_SIZE)
-    cx: float
-    cy: float
-
-    @property
-    def combo(self) -> tuple[str, str, str]:
-        return (self.colour, self.shape, self.background)
-
-
-def all_combos() -> list[tuple[str, str, str]]:
-    return [(c, s, b) for c in COLOURS for s in SHAPES for b in COLOURS if b != c]
-
-
-def split(seed: int = SPLIT_SEED, count: int = HELD_OUT_COUNT) -> tuple[list, list]:
-    """``(train, held_out)`` lists of (colour, shape, background) triples, deterministic.
-
-    Held-out triples are picked so that every pair inside them (colour+shape, colour+background,
-    shape+background) still occurs in training: the test is composition, not unseen words.
-    """
-    combos = all_combos()
-    rng = random.Random(seed)
-    order = combos[:]
-    rng.shuffle(order)
-    held: list[tuple[str, str, str]] = []
-    per_colour: dict[str, int] = {}
-    per_shape: dict[str, int] = {}
-    for combo in order:
-        c, s, b = combo
-        # spread the held-out set evenly over colours and shapes
-        if per_colour.get(c, 0) >= count // len(COLOURS) or per_shape.get(s, 0) >= count // len(SHAPES):
-            continue
-        trial = set(held) | {combo}
-        rest = [x for x in combos if x not in trial]
-        pairs = (
-            {(x[0], x[1], "cs") for x in rest}
-            | {(x[0], x[2], "cb") for x in rest}
-            | {(x[1], x[2], "sb") for x in rest}
-        )
-        if (c, s, "cs") in pairs and (c, b, "cb") in pairs and (s, b, "sb") in pairs:
-            held.append(combo)
-            per_colour[c] = per_colour.get(c, 0) + 1
-            per_shape[s] = per_shape.get(s, 0) + 1
-        if len(held) == count:
-            break
-    held_set = set(held)
-    return [x for x in combos if x not in held_set], sorted(held)
-
-
-def caption(colour: str, shape: str, background: str) -> str:
-    return f"a {colour} {shape} on a {background} background"
-
-
-def parse_caption(text: str) -> tuple[str, str, str] | None:
-    words = text.strip().lower().split()
-    if len(words) == 7 and words[0] == "a" and words[3:5] == ["on", "a"] and words[6] == "background":
-        c, s, b = words[1], words[2], words[5]
-        if c in COLOURS and s in SHAPES and b in COLOURS:
-            return c, s, b
-    return None
-
-
-def random_scene(rng: random.Random, combo: tuple[str, str, str]) -> Scene:
-    size = rng.uniform(MIN_FRAC, MAX_FRAC) * IMAGE_SIZE
-    lo, hi = MARGIN + size / 2, IMAGE_SIZE - MARGIN - size / 2
-    return Scene(*combo, size=size, cx=rng.uniform(lo, hi), cy=rng.uniform(lo, hi))
-
-
-def _polygon(shape: str, x0: float, y0: float, x1: float, y1: float) -> list[tuple[float, float]] | None:
-    w, h = x1 - x0, y1 - y0
-    if shape == "triangle":
-        return [(x0 + w / 2, y0), (x1, y1), (x0, y1)]
-    if shape == "cross":
-        a, b = 1 / 3, 2 / 3
-        pts = [(a, 0), (b, 0), (b, a), (1, a), (1, b), (b, b), (b, 1), (a, 1), (a, b), (0, b), (0, a), (a, a)]
-        return [(x0 + u * w, y0 + v * h) for u, v in pts]
-    return None
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon(_polygon(shape, *box), fill=fill)
-
-
-def draw(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
-    """Render ``scene`` anti-aliased (drawn at 4x and downsampled) as an RGB image."""
-    k = SUPERSAMPLE * size / IMAGE_SIZE
-    big = Image.new("RGB", (size * SUPERSAMPLE,) * 2, COLOURS[scene.background])
-    half = scene.size / 2
-    box = ((scene.cx - half) * k, (scene.cy - half) * k, (scene.cx + half) * k - 1, (scene.cy + half) * k - 1)
-    _draw_shape(ImageDraw.Draw(big), scene.shape, box, COLOURS[scene.colour])
-    return big.resize((size, size), Image.Resampling.BOX)
-
-
-def shape_mask(shape: str, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
-    """Boolean mask (h, w) of the ideal ``shape`` filling ``box`` = (x0, y0, x1, y1) inclusive."""
-    img = Image.new("L", size, 0)
-    _draw_shape(ImageDraw.Draw(img), shape, box, 255)
-    return np.asarray(img) > 127
-
-
-# -- analysis -----------------------------------------------------------------------------------------
-
-_NAMES = list(COLOURS)
-_RGB = np.array([COLOURS[n] for n in _NAMES], dtype=np.float32)
-#: A pixel farther than this (RGB distance) from the background colour counts as foreground.
-FG_DISTANCE = 80.0
-
-
-def nearest_colour(rgb: Sequence[float]) -> str:
-    d = np.linalg.norm(_RGB - np.asarray(rgb, dtype=np.float32)[None], axis=1)
-    return _NAMES[int(np.argmin(d))]
-
-
-@dataclass
-class Analysis:
-    background: str
-    colour: str | None
-    shape: str | None
-    #: Fraction of the image that is foreground.
-    fg_fraction: float
-    #: Best template overlap (intersection over union) for the chosen shape.
-    shape_iou: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    return np.asarray(image, dtype=np.float32)
-
-
-def foreground_mask(image: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(mask, background_rgb)``: pixels far from the median border colour, largest blob only."""
-    from scipy import ndimage
-
-    a = _as_array(image)
-    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3), a[:, -2:].reshape(-1, 3)])
-    bg = np.median(border, axis=0)
-    mask = np.linalg.norm(a - bg[None, None], axis=2) > FG_DISTANCE
-    labels, n = ndimage.label(mask)
-    if n > 1:
-        sizes = ndimage.sum(mask, labels, range(1, n + 1))
-        mask = labels == (1 + int(np.argmax(sizes)))
-    return mask, bg
-
-
-def analyse(image: Image.Image | np.ndarray) -> Analysis:
-    """Read background colour, foreground colour and shape class off an image."""
-    from scipy import ndimage
-
-    a = _as_array(image)
-    mask, bg = foreground_mask(a)
-    background = nearest_colour(bg)
-    h, w = mask.shape
-    fraction = float(mask.mean())
-    if mask.sum() < 0.02 * h * w:
-        return Analysis(background=background, colour=None, shape=None, fg_fraction=fraction)
-    core = ndimage.binary_erosion(mask, iterations=1)
-    pixels = a[core] if core.sum() >= 8 else a[mask]
-    colour = nearest_colour(np.median(pixels, axis=0))
-    ys, xs = np.nonzero(mask)
-    box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
-    best, best_iou = None, -1.0
-    for shape in SHAPES:
-        ideal = shape_mask(shape, box, (w, h))
-        iou = float((ideal & mask).sum() / max(1, (ideal | mask).sum()))
-        if iou > best_iou:
-            best, best_iou = shape, iou
-    return Analysis(background=background, colour=colour, shape=best, fg_fraction=fraction, shape_iou=best_iou)
-
-
-def colour_share(image: Image.Image | np.ndarray, colour: str, *, tolerance: float = 90.0) -> float:
-    """Fraction of pixels within ``tolerance`` (RGB distance) of the named ``colour``."""
-    a = _as_array(image)
-    return float((np.linalg.norm(a - np.array(COLOURS[colour], np.float32), axis=2) < tolerance).mean())
-
-
-def scores(expected: Iterable[tuple[str, str, str]], analyses: Iterable[Analysis]) -> dict[str, float]:
-    ok_c = ok_b = ok_s = n = 0
-    for (c, s, b), got in zip(expected, analyses, strict=True):
-        n += 1
-        ok_c += got.colour == c
-        ok_b += got.background == b
-        ok_s += got.shape == s
-    n = max(n, 1)
-    return {"colour_accuracy": ok_c / n, "background_accuracy": ok_b / n, "shape_accuracy": ok_s / n}
-
+# re-exported, so that every public name stays importable from workers.semantics
+from workers.image_analysis import (  # noqa: F401
+    FG_DISTANCE, Analysis, _as_array, adherence, analyse, colour_fidelity, colour_share, foreground_mask,
+    mean_abs_diff, nearest_colour, scores,
+)
+from workers.shape_data import (  # noqa: F401
+    COLOURS, HELD_OUT_COUNT, IMAGE_SIZE, MARGIN, MAX_FRAC, MIN_FRAC, SHAPES, SPLIT_SEED, SUPERSAMPLE, WORDS, Scene,
+    all_combos, caption, draw, parse_caption, random_scene, shape_mask, split,
+)
 
 # -- rendering through the farm's own path ---------------------------------------------------------------
 
-#: Where the shipped model lives in a checkout.
-from farm.settings import shipped_model  # noqa: E402
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: Where the shipped model lives in a checkout.
 DEFAULT_MODEL = shipped_model("shapes")
 
 
@@ -393,22 +179,11 @@ class CheckResult:
         return f"{self.name}: {'PASS' if self.passed else 'FAIL'} {json.dumps(self.values)}"
 
 
-def adherence(combos: Sequence[tuple[str, str, str]], images: Sequence[Image.Image]) -> float:
-    """Mean of colour, background and shape accuracy: how well images follow their captions."""
-    s = scores(combos, [analyse(im) for im in images])
-    return (s["colour_accuracy"] + s["background_accuracy"] + s["shape_accuracy"]) / 3
-
-
 def check_set(n: int, *, offset: int = 0) -> list[tuple[tuple[str, str, str], str, int]]:
     """``n`` held-out (combo, caption, seed) spread over the held-out set, seeds after ``offset``."""
     _, held = split()
     step = max(1, len(held) // n)
     return [(held[(i * step) % len(held)], caption(*held[(i * step) % len(held)]), 5000 + offset + i) for i in range(n)]
-
-
-def colour_fidelity(combos: Sequence[tuple[str, str, str]], images: Sequence[Image.Image], *, tolerance: float = 40.0) -> float:
-    """Mean fraction of pixels within ``tolerance`` (RGB distance) of the caption's two colours."""
-    return float(np.mean([colour_share(im, c, tolerance=tolerance) + colour_share(im, b, tolerance=tolerance) for im, (c, _, b) in zip(images, combos)]))
 
 
 def check_guidance(model, *, n: int = 8, low: float = 1.0, margin: float = 0.04, steps: int | None = None) -> CheckResult:
@@ -487,12 +262,6 @@ def img2img(model, image: Image.Image, prompt: str, *, strength: float, seed: in
             guidance_scale=d["default_guidance_scale"] if guidance_scale is None else guidance_scale,
             generator=torch.Generator("cpu").manual_seed(seed),
         ).images[0]
-
-
-def mean_abs_diff(a: Image.Image, b: Image.Image, mask: np.ndarray | None = None) -> float:
-    """Mean absolute pixel difference (0..255) over ``mask`` (all pixels if None)."""
-    d = np.abs(_as_array(a) - _as_array(b)).mean(axis=2)
-    return float(d[mask].mean() if mask is not None else d.mean())
 
 
 def check_img2img(model, *, n: int = 4, close: float = 12.0, follow: float = 0.75, steps: int | None = None) -> CheckResult:

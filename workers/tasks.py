@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Any
 
 from celery import Celery, Task
 from sqlalchemy.exc import OperationalError
@@ -27,8 +25,8 @@ from farm.errors import ModelLoadError, RenderError, StorageError
 from farm.keys import image_key
 from farm.pnginfo import a1111_extra, a1111_parameters, encode_png
 from farm.records import ImageRecord
-from farm.settings import Settings
 from farm.spec import ImageSpec
+from workers.context import WorkerContext
 from workers.inputs import InputError
 from workers.lora_cache import LoraError
 
@@ -38,200 +36,6 @@ log = logging.getLogger("farm.worker")
 MAX_ATTEMPTS = 3
 #: Seconds between progress events a task sends (Flower shows the PROGRESS state).
 PROGRESS_EVERY = 0.25
-
-
-@dataclass
-class WorkerContext:
-    """What one worker process holds: its settings, its model (loaded once) and its connections."""
-
-    settings: Settings
-    model_name: str
-    device: str
-    node: str = "worker"  # the Celery node name, e.g. gpu0@host
-    _sessions: Any = None
-    _storage: Any = None
-    _model: Any = None
-    _inputs: Any = None
-    _lora_files: Any = None
-    _adapters: Any = None
-    _finisher: Any = None
-    _batch_plan: Any = None
-
-    @property
-    def sessions(self):
-        if self._sessions is None:
-            from farm import db
-
-            self._sessions = db.make_sessionmaker(db.make_engine(self.settings.database))
-        return self._sessions
-
-    @property
-    def storage(self):
-        if self._storage is None:
-            from farm.storage import open_storage
-
-            self._storage = open_storage(self.settings)
-        return self._storage
-
-    @property
-    def inputs(self):
-        if self._inputs is None:
-            from workers.inputs import InputCache
-
-            self._inputs = InputCache(self.storage, self.settings.data_dir / "cache" / "inputs")
-        return self._inputs
-
-    @property
-    def lora_files(self):
-        if self._lora_files is None:
-            from workers.lora_cache import LoraDiskCache
-
-            self._lora_files = LoraDiskCache(
-                self.storage,
-                self.settings.data_dir / "cache" / "loras",
-                max_bytes=self.settings.lora_cache_bytes,
-                min_free_bytes=self.settings.lora_min_free_bytes,
-            )
-        return self._lora_files
-
-    @property
-    def adapters(self):
-        if self._adapters is None:
-            from workers.adapters import AdapterSet
-
-            from workers.speed import unfuse_qkv
-
-            # Fused q/k/v projections (workers.speed) would bypass the LoRA layers peft adds to
-            # to_q/to_k/to_v: go back to separate projections before the first adapter loads.
-            if unfuse_qkv(self.model.pipe):
-                log.info("unfused q/k/v projections: this worker serves LoRAs")
-            self._adapters = AdapterSet(self.model.pipe, max_loaded=self.settings.lora_max_loaded)
-        return self._adapters
-
-    @property
-    def finisher(self):
-        """Encodes, uploads and records rendered chunks on threads while the GPU renders on."""
-        if self._finisher is None:
-            from workers.finisher import Finisher
-            from workers.uploader import Uploader
-
-            settings = self.settings
-            lease = settings.claim_lease_seconds
-            self._finisher = Finisher(
-                Uploader(self.storage, workers=settings.upload_threads, retries=settings.upload_retries),
-                record=lambda token, image_id, key, values: claims.record_success(
-                    self.sessions, token, image_id, storage_key=key, **values
-                ),
-                renew=lambda tokens: [claims.heartbeat(self.sessions, token, lease) for token in tokens],
-                renew_every=lease / 4,
-                max_pending=settings.upload_max_pending,
-            )
-        return self._finisher
-
-    @property
-    def batch_plan(self):
-        """Images rendered at once per size (configured, measured, or learned from out-of-memory)."""
-        if self._batch_plan is None:
-            from workers.batching import BatchPlan
-
-            self._batch_plan = BatchPlan(self.settings.batch_sizes)
-        return self._batch_plan
-
-    @property
-    def model(self):
-        if self._model is None:
-            from workers.pipeline import load_pipeline
-
-            location = self.settings.models[self.model_name]
-            started = time.perf_counter()
-            settings = self.settings
-            self._model = load_pipeline(
-                self.model_name, location, models_dir=settings.models_dir, device=self.device,
-                speed={
-                    "channels_last": settings.render_channels_last,
-                    "fuse_qkv": settings.render_fuse_qkv,
-                    "vae_slicing": settings.render_vae_slicing,
-                    "compile": settings.render_compile,
-                    "compile_mode": settings.render_compile_mode,
-                },
-            )
-            log.info(
-                "loaded model %s from %s on %s in %.1f s",
-                self.model_name,
-                self._model.path,
-                self.device,
-                time.perf_counter() - started,
-            )
-        return self._model
-
-    def after_fork(self) -> None:
-        """In a fresh pool process: drop inherited connections, load the pipeline once, warm it up."""
-        if self.settings.torch_threads:
-            import torch
-
-            torch.set_num_threads(self.settings.torch_threads)
-        self._sessions = None
-        self._storage = None
-        self._inputs = None
-        self._lora_files = None
-        self._finisher = None
-        self._batch_plan = None
-        try:
-            self.model  # noqa: B018 - load now, not inside the first task
-            self.warm_up()
-        except ModelLoadError:
-            # Keep serving: each task then fails its images with this reason instead of the pool
-            # process dying and respawning in a loop.
-            log.exception("model %s could not be loaded", self.model_name)
-            return
-        self.advertise()
-
-    def warm_up(self) -> None:
-        """Compile the warm-up sizes (with ``render_compile``) and measure their best batch sizes
-        (``render_calibrate``; on CUDA by default), before the first task."""
-        settings = self.settings
-        sizes = settings.warmup_sizes
-        batches = range(1, settings.max_batch_size + 1)
-        if settings.render_compile:
-            from workers.speed import warmup
-
-            warmup(self._model.pipe, sizes, batches)
-        calibrate = settings.render_calibrate
-        if calibrate is None:
-            calibrate = str(self.device).startswith("cuda")
-        unmeasured = [size for size in sizes if size not in settings.batch_sizes]
-        if calibrate and unmeasured:
-            from workers.batching import BatchPlan, calibrate_pipeline
-
-            measured = calibrate_pipeline(self._model, unmeasured, settings.max_batch_size, cache_dir=settings.data_dir / "cache")
-            self._batch_plan = BatchPlan({**measured, **settings.batch_sizes})
-            log.info("batch sizes: %s", self._batch_plan.as_dict())
-            capped = {f"{w}x{h}": n for (w, h), n in measured.items() if n >= settings.max_batch_size}
-            if capped:
-                log.warning(
-                    "best batch reached FARM_MAX_BATCH_SIZE=%d at %s: tasks carry at most that many images; "
-                    "raise it on the submitters and workers to try larger chunks",
-                    settings.max_batch_size, capped,
-                )
-        if settings.render_compile:
-            from workers.speed import freeze_compiled_shapes
-
-            freeze_compiled_shapes()
-
-    def close(self, timeout: float | None = None) -> None:
-        """At process exit: finish the uploads handed off (their images are recorded, not redone)."""
-        if self._finisher is not None:
-            self._finisher.close(timeout=timeout)
-
-    def advertise(self) -> None:
-        """Tell submitters which adapters this worker holds (affinity routing); never fails a task."""
-        from farm.routing import advertise
-
-        try:
-            loaded = self._adapters.loaded() if self._adapters is not None else []
-            advertise(self.settings, model=self.model_name, node=self.node, loras=loaded)
-        except Exception:  # Redis hiccup: routing falls back to the shared queue
-            log.debug("could not advertise adapters", exc_info=True)
 
 
 def register(app: Celery, context: WorkerContext) -> Task:

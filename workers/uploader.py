@@ -8,7 +8,7 @@ With ``retries=N`` a put that raises :class:`~farm.errors.StorageError` is tried
 ``backoff(attempt)`` seconds apart, with the bytes already made (a PNG is encoded once).
 
 Threads fit: PNG compression (zlib) and socket I/O release the GIL, and the storage backends are
-thread-safe (one boto3 client per :class:`farm.storage.S3Storage`; :class:`farm.storage.FileStorage`
+thread-safe (one boto3 client per :class:`farm.s3.S3Storage`; :class:`farm.storage.FileStorage`
 writes each object through its own temp file).
 
 The task records an image only after its future resolved (upload before record: a record never

@@ -13,7 +13,8 @@ import pytest
 from farm.errors import ConfigError, StorageError
 from farm.keys import image_key
 from farm.settings import Settings
-from farm.storage import FileStorage, MissingObject, S3Storage, Storage, open_storage
+from farm.s3 import S3Storage
+from farm.storage import FileStorage, MissingObject, Storage, open_storage
 
 pytestmark = pytest.mark.integration
 

@@ -102,7 +102,7 @@ def test_calibration_is_measured_once_per_key(tmp_path: Path) -> None:
 def test_calibrate_a_real_pipeline_and_use_it_in_a_worker(tmp_path: Path, monkeypatch) -> None:
     """On the tiny model (CPU): the worker measures its warm-up size at start, then a second start
     reads the cache instead of measuring again."""
-    from workers.tasks import WorkerContext
+    from workers.context import WorkerContext
 
     settings = Settings(
         data_dir=tmp_path, models={"tiny": BUILTIN_TINY}, render_warmup_sizes="64x64", render_calibrate=True,
@@ -127,7 +127,7 @@ def test_calibrate_a_real_pipeline_and_use_it_in_a_worker(tmp_path: Path, monkey
 
 
 def test_sizes_set_by_the_operator_are_not_measured(tmp_path: Path) -> None:
-    from workers.tasks import WorkerContext
+    from workers.context import WorkerContext
 
     settings = Settings(
         data_dir=tmp_path, models={"tiny": BUILTIN_TINY}, render_warmup_sizes="64x64",

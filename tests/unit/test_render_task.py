@@ -21,6 +21,7 @@ from farm.settings import Settings
 from farm.spec import ImageSpec
 from farm.storage import FileStorage
 from workers import tasks
+from workers.context import WorkerContext
 from workers.render import BatchResult, Rendered
 
 
@@ -102,7 +103,7 @@ def run_task(
     monkeypatch.setattr(tasks, "_render", render)
 
     options = {"upload_retries": 0, **settings}
-    ctx = tasks.WorkerContext(settings=Settings(data_dir=tmp_path, **options), model_name="tiny", device="cpu")
+    ctx = WorkerContext(settings=Settings(data_dir=tmp_path, **options), model_name="tiny", device="cpu")
     ctx._storage = storage
     ctx._sessions = object()
     ctx._model = SimpleNamespace(hash="abcdef1234", path="/models/tiny")
