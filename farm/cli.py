@@ -15,9 +15,7 @@ from pathlib import Path
 import click
 
 from farm.cli_campaign import campaign
-from farm.cli_common import EXIT_FAILED, handles_errors
-from farm.cli_common import load_settings as _settings
-from farm.cli_common import open_farm as _farm
+from farm.cli_common import EXIT_FAILED, handles_errors, load_settings, open_farm
 from farm.cli_lora import lora
 from farm.cli_model_evaluate import evaluate as model_evaluate
 from farm.errors import ValidationError
@@ -93,7 +91,7 @@ def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, wid
             }
         ]
         lines = ()
-    with _farm() as farm:
+    with open_farm() as farm:
         try:
             job = farm.submit_many(requests, label=label)
         except ValidationError as exc:
@@ -128,7 +126,7 @@ def _read_jsonl(path: Path):
 @handles_errors
 def status(submission_id):
     """Counts by state of a submission (or of the latest ten)."""
-    with _farm() as farm:
+    with open_farm() as farm:
         jobs = [farm.submission(submission_id)] if submission_id else farm.latest()
         for job in jobs:
             click.echo(str(job.status()))
@@ -141,7 +139,7 @@ def status(submission_id):
 @handles_errors
 def wait(submission_id, timeout, progress):
     """Wait until every image finished; exit 0 only when every image succeeded."""
-    with _farm() as farm:
+    with open_farm() as farm:
         final = farm.submission(submission_id).wait(timeout=timeout, progress=progress)
     click.echo(str(final))
     sys.exit(0 if final.succeeded else EXIT_FAILED)
@@ -153,7 +151,7 @@ def wait(submission_id, timeout, progress):
 @handles_errors
 def download(submission_id, directory):
     """Write the submission's finished PNGs and a metadata.jsonl to DIRECTORY."""
-    with _farm() as farm:
+    with open_farm() as farm:
         paths = farm.submission(submission_id).download(directory)
     click.echo(f"{len(paths)} image(s) in {directory}")
 
@@ -163,7 +161,7 @@ def download(submission_id, directory):
 @handles_errors
 def cancel(submission_id):
     """Cancel every image not finished yet."""
-    with _farm() as farm:
+    with open_farm() as farm:
         count = farm.submission(submission_id).cancel()
     click.echo(f"canceled {count} image(s)")
 
@@ -173,7 +171,7 @@ def cancel(submission_id):
 @handles_errors
 def requeue(submission_id):
     """Publish a submission's queued work again (after a broker outage); duplicates are harmless."""
-    with _farm() as farm:
+    with open_farm() as farm:
         count = farm.submission(submission_id).requeue()
     click.echo(f"published {count} task(s)")
 
@@ -193,7 +191,7 @@ def worker(model, gpus, cpu, name, processes, loglevel):
     from workers import launcher
 
     logging.basicConfig(level=loglevel, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
-    settings = _settings()
+    settings = load_settings()
     model = model or settings.default_model
     slots = launcher.plan_slots(gpus, cpu=cpu, name=name, count=processes)
     sys.exit(launcher.run(settings, model=model, slots=slots, loglevel=loglevel))
@@ -215,7 +213,7 @@ def db_upgrade(revision):
     """Apply migrations to FARM_DATABASE_URL."""
     from farm import db as farm_db
 
-    settings = _settings()
+    settings = load_settings()
     engine = farm_db.make_engine(settings.database)
     farm_db.upgrade(engine, revision)
     click.echo(f"database at revision {farm_db.current_revision(engine)}")
@@ -249,7 +247,7 @@ def demo(out, device):
     """Render a demo batch end to end (a real worker process) and write it to OUT."""
     from farm.demo import run_demo
 
-    click.echo(str(run_demo(_settings(), out, device=device)))
+    click.echo(str(run_demo(load_settings(), out, device=device)))
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -258,7 +256,7 @@ def flower(ctx):
     """Start Flower on the farm's broker (extra options go to Flower, e.g. --port=5555)."""
     from farm.celery_app import make_celery
 
-    make_celery(_settings()).start(["flower", *ctx.args])
+    make_celery(load_settings()).start(["flower", *ctx.args])
 
 
 if __name__ == "__main__":
