@@ -17,6 +17,7 @@ lowercase letters, digits and dashes, values printable ASCII (S3 sends them as H
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -221,7 +222,11 @@ class FileStorage:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part.
+
+    The temp file's size is checked before the rename (a full disk can truncate silently on some
+    filesystems): a short write raises ``OSError(ENOSPC)`` and leaves ``path`` as it was.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -229,6 +234,9 @@ def atomic_write(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; images are meant to be served.
+        written = os.path.getsize(tmp)
+        if written != len(data):
+            raise OSError(errno.ENOSPC, f"writing {path} left {written} of {len(data)} bytes; disk full?")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -5,7 +5,7 @@ Layout of ``folder`` (one cache may be shared by every worker process of a machi
     <sha256>.safetensors      verified LoRAs (the only files ever returned)
     .locks/<sha256>.lock      per-LoRA flock: one download per file across threads and processes
     .locks/cache.lock         flock held while the cache is measured and files are evicted
-    .<sha256>.<random>.tmp    a download in flight (ignored, removed if it fails)
+    .<sha256>.safetensors.<random>.tmp    a download in flight (ignored, removed if it fails)
 
 Rules:
 
@@ -35,7 +35,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -43,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from farm.errors import FarmError
-from farm.storage import MissingObject
+from farm.storage import MissingObject, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -162,26 +161,11 @@ class LoraDiskCache:
         return data
 
     def _write(self, target: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{target.stem}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o644)
-            # Re-check what landed on disk (a full disk can truncate silently on some filesystems).
-            if os.path.getsize(tmp) != len(data):
-                raise LoraError(f"writing {target} left {os.path.getsize(tmp)} of {len(data)} bytes; disk full?")
-            os.replace(tmp, target)
+            atomic_write(target, data)
         except OSError as error:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise LoraError(f"no space left to cache LoRA {target.stem} in {self.folder}: {error}") from error
-            raise
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise
         with contextlib.suppress(OSError):  # make the rename itself durable
             dir_fd = os.open(self.folder, os.O_RDONLY)

@@ -269,3 +269,18 @@ def test_writes_are_atomic(storage: CountingStorage, folder: Path, monkeypatch: 
     assert how == "download" and seen == [False]
     assert hashlib.sha256(path.read_bytes()).hexdigest() == sha
     assert _files(folder) == sorted([stale.name, path.name])
+
+
+def test_a_short_write_is_no_space_and_leaves_nothing(storage: CountingStorage, folder: Path, monkeypatch) -> None:
+    """A full disk that truncates silently: farm.storage.atomic_write sees fewer bytes than it wrote,
+    renames nothing, and the cache says there is no space."""
+    import farm.storage
+
+    cache = LoraDiskCache(storage, folder, max_bytes=1 << 20, min_free_bytes=0)
+    sha, key, data = _lora(storage, 1)
+    monkeypatch.setattr(farm.storage.os.path, "getsize", lambda path: len(data) - 1)
+    with pytest.raises(LoraError, match=f"no space left to cache LoRA {sha}.*{len(data) - 1} of {len(data)} bytes"):
+        cache.path(sha, key)
+    monkeypatch.undo()
+    assert _files(folder) == []  # no partial file, no temp file
+    assert cache.path(sha, key)[1] == "download"  # the next try downloads it whole
