@@ -139,6 +139,8 @@ def calibrate_pipeline(model: Any, sizes: Iterable[Size], max_batch: int, *, cac
 
     import torch
 
+    from workers.speed import warmup
+
     sizes = list(sizes)
     candidates = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch} | {max_batch})
     cuda = str(model.device).startswith("cuda")
@@ -150,12 +152,7 @@ def calibrate_pipeline(model: Any, sizes: Iterable[Size], max_batch: int, *, cac
     )
 
     def render(width: int, height: int, batch: int) -> None:
-        with torch.inference_mode():
-            model.pipe(
-                prompt=["calibration"] * batch, negative_prompt=[""] * batch, width=width, height=height,
-                num_inference_steps=steps, guidance_scale=7.5, output_type="pil",
-                generator=[torch.Generator("cpu").manual_seed(n) for n in range(batch)],
-            )
+        warmup(model.pipe, [(width, height)], batch, steps=steps)
 
     return cached_calibration(
         cache_dir / "batch-sizes.json", key, lambda: calibrate(render, sizes, candidates, device=str(model.device))
