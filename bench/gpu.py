@@ -38,6 +38,7 @@ import urllib.request
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,10 +256,9 @@ def end_to_end(model, device: str, storage, *, batch: int, images: int, size: in
     """Render ``images`` images in batches of ``batch`` and finish each (PNG encode + upload) as a worker
     does: handed to ``workers.finisher.Finisher`` while the next batch renders (``overlap``), or waited
     for after each batch (a task that acks only after its uploads). No database: records are no-ops."""
-    from farm.keys import image_key
-    from farm.pnginfo import a1111_parameters, encode_png
-    from workers.finisher import Finisher, Item
+    from workers.finisher import Finisher
     from workers.render import render_batch
+    from workers.tasks import finish_item
     from workers.uploader import Uploader
 
     batches = max(1, images // batch)
@@ -278,16 +278,11 @@ def end_to_end(model, device: str, storage, *, batch: int, images: int, size: in
         last_render = time.perf_counter()
         rendering += last_render - render_started
         submission = uuid.uuid4().hex
-        items = []
-        for spec, rendered in zip(specs, result.images):
-            parameters = a1111_parameters(spec.params(), model_name="bench", model_hash=model.hash)
-            items.append(Item(
-                image_id=uuid.uuid4().hex, key=image_key(submission, uuid.uuid4().hex),
-                make=lambda image=rendered.image, parameters=parameters, spec=spec: encode_png(
-                    image, parameters=parameters, spec=spec.params()
-                ),
-                metadata={"farm-seed": str(spec.seed), "farm-size": f"{size}x{size}"},
-            ))
+        items = [  # built by the worker's own code: key, PNG with A1111 metadata, object metadata
+            finish_item(model, device, SimpleNamespace(id=uuid.uuid4().hex, submission_id=submission), spec, rendered,
+                        seconds_each=result.seconds / batch, batch_size=batch, loras=[])
+            for spec, rendered in zip(specs, result.images)
+        ]
         handoff = finisher.hand_off(f"bench-{b}", items)
         if not overlap:
             handoff.wait()

@@ -124,7 +124,10 @@ def _render_and_hand_off(task: Task, ctx: WorkerContext, claim: claims.Claim, mo
             return {"rendered": rendered, "canceled": len(todo), "chunks": len(handoffs)}
         seconds_each = batch.seconds / len(chunk)
         items = [
-            _finish_item(ctx, images[n], specs[n], result, seconds_each=seconds_each, batch_size=len(chunk), loras=lora_report)
+            finish_item(
+                ctx.model, ctx.device, images[n], specs[n], result,
+                seconds_each=seconds_each, batch_size=len(chunk), loras=lora_report,
+            )
             for n, result in zip(chunk, batch.images)
         ]
         handoffs.append(ctx.finisher.hand_off(claim.token, items, give_back))
@@ -221,12 +224,14 @@ def _render(task: Task, ctx: WorkerContext, claim: claims.Claim, specs: list[Ima
     )
 
 
-def _finish_item(ctx: WorkerContext, image: ImageRecord, spec: ImageSpec, result, *, seconds_each: float, batch_size: int, loras):
-    """What the finisher needs for one rendered image: its key, its PNG (encoded on a pool thread,
-    with the A1111 parameters and the farm's spec), the object's metadata and the record's values."""
+def finish_item(
+    model, device: str, image: ImageRecord, spec: ImageSpec, result, *, seconds_each: float, batch_size: int, loras
+):
+    """What the finisher needs for one rendered image of ``model`` (a ``LoadedModel``): its key, its
+    PNG (encoded on a pool thread, with the A1111 parameters and the farm's spec), the object's
+    metadata and the record's values. ``image`` needs only ``id`` and ``submission_id``."""
     from workers.finisher import Item
 
-    model = ctx.model
     parameters = a1111_parameters(spec.params(), model_name=spec.model, model_hash=model.hash, extra=a1111_extra(spec))
     full_spec = {
         **spec.params(),
@@ -254,7 +259,7 @@ def _finish_item(ctx: WorkerContext, image: ImageRecord, spec: ImageSpec, result
             "prompt_tokens": result.prompt_tokens,
             "prompt_truncated": result.prompt_truncated,
             "model_path": str(model.path),
-            "info": {"model_hash": model.hash, "device": ctx.device, "batch_size": batch_size, "loras": loras},
+            "info": {"model_hash": model.hash, "device": device, "batch_size": batch_size, "loras": loras},
         },
     )
 
