@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from farm.records import Base
+from farm.db.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -7,11 +7,11 @@ On the same pipeline object, in this order:
 
 1. plain diffusers, batch 1 (``pipe(prompt=..., output_type="pil")``, the scheduler the farm uses);
 2. plain diffusers at each ``--batches`` size; the best one is "diffusers best";
-3. the farm: ``workers.speed.optimize`` (its device defaults, ``--compile`` adds torch.compile and a
-   warm-up), ``workers.render.render_batch`` at each batch size, then at the best one end to end
-   over ``--images`` images: render, PNG encode with A1111 metadata (``farm.pnginfo.encode_png``) and
-   upload through ``farm.s3.S3Storage`` to a local ``moto_server`` over HTTP, handed to
-   ``workers.finisher.Finisher`` as ``workers.tasks.run_render`` does, so the next batch renders while
+3. the farm: ``workers.diffusion.speed.optimize`` (its device defaults, ``--compile`` adds torch.compile and a
+   warm-up), ``workers.diffusion.render.render_batch`` at each batch size, then at the best one end to end
+   over ``--images`` images: render, PNG encode with A1111 metadata (``farm.imaging.pnginfo.encode_png``) and
+   upload through ``farm.storage.s3.S3Storage`` to a local ``moto_server`` over HTTP, handed to
+   ``workers.finishing.finisher.Finisher`` as ``workers.tasks.run_render`` does, so the next batch renders while
    the last one uploads; once more waiting for each batch's uploads (``FARM_RENDER_OVERLAP_TASKS=0``)
    for comparison. ``gpu_idle_percent``: the share of the time between the first render's start and the
    last one's end spent outside ``render_batch``. No database writes.
@@ -86,7 +86,7 @@ def clip_sized_tokenizer():
     model's byte-level BPE plus filler tokens, with <|startoftext|>/<|endoftext|> at 49406/49407."""
     from transformers import CLIPTokenizer
 
-    from workers.tiny import tiny_vocab
+    from workers.diffusion.tiny import tiny_vocab
 
     vocab, merges = tiny_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if not t.startswith("<|")]
@@ -184,7 +184,7 @@ def diffusers_batch(pipe, device: str, batch: int, size: int, steps: int) -> flo
 
 
 def specs_for(batch: int, size: int, steps: int, scheduler: str, first_seed: int = 0):
-    from farm.spec import ImageSpec
+    from farm.request.spec import ImageSpec
 
     return [
         ImageSpec(prompt=PROMPT, negative_prompt=NEGATIVE, seed=first_seed + n, steps=steps, guidance_scale=7.5,
@@ -194,7 +194,7 @@ def specs_for(batch: int, size: int, steps: int, scheduler: str, first_seed: int
 
 
 def farm_batch(model, device: str, specs) -> float:
-    from workers.render import render_batch
+    from workers.diffusion.render import render_batch
 
     _sync(device)
     started = time.perf_counter()
@@ -254,12 +254,12 @@ def phase_timer(pipe, device: str) -> Iterator[dict[str, float]]:
 def end_to_end(model, device: str, storage, *, batch: int, images: int, size: int, steps: int, scheduler: str,
                threads: int, overlap: bool = True) -> dict[str, float]:
     """Render ``images`` images in batches of ``batch`` and finish each (PNG encode + upload) as a worker
-    does: handed to ``workers.finisher.Finisher`` while the next batch renders (``overlap``), or waited
+    does: handed to ``workers.finishing.finisher.Finisher`` while the next batch renders (``overlap``), or waited
     for after each batch (a task that acks only after its uploads). No database: records are no-ops."""
-    from workers.finisher import Finisher
-    from workers.render import render_batch
+    from workers.finishing.finisher import Finisher
+    from workers.diffusion.render import render_batch
     from workers.tasks import finish_item
-    from workers.uploader import Uploader
+    from workers.finishing.uploader import Uploader
 
     batches = max(1, images // batch)
     rendering = 0.0  # seconds inside render_batch (the GPU's work, synchronised)
@@ -361,10 +361,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-    from farm.s3 import S3Storage
-    from workers.pipeline import LoadedModel, load_pipeline
-    from workers.schedulers import make_scheduler
-    from workers.speed import optimize, warmup
+    from farm.storage.s3 import S3Storage
+    from workers.diffusion.pipeline import LoadedModel, load_pipeline
+    from workers.diffusion.schedulers import make_scheduler
+    from workers.diffusion.speed import optimize, warmup
 
     tmp = Path(tempfile.mkdtemp(prefix="farm-gpu-bench-"))
     if args.tiny:

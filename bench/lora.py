@@ -17,14 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from farm.keys import content_key
-from farm.spec import ImageSpec
+from farm.storage.keys import content_key
+from farm.request.spec import ImageSpec
 from farm.storage import FileStorage
-from workers.adapters import AdapterSet
-from workers.lora_cache import LoraDiskCache
-from workers.pipeline import load_pipeline
-from workers.render import render_batch
-from workers.tiny_lora import make_tiny_lora
+from workers.lora.adapters import AdapterSet
+from workers.lora.disk_cache import LoraDiskCache
+from workers.diffusion.pipeline import load_pipeline
+from workers.diffusion.render import render_batch
+from evaluation.tiny_lora import make_tiny_lora
 
 
 def main() -> None:

@@ -13,9 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from farm.spec import ImageSpec
-from workers.pipeline import load_pipeline
-from workers.render import render_batch
+from farm.request.spec import ImageSpec
+from workers.diffusion.pipeline import load_pipeline
+from workers.diffusion.render import render_batch
 
 
 def main() -> None:

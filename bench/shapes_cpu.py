@@ -3,7 +3,7 @@
     python bench/shapes_cpu.py [--model models/shapes] [--repeats 10] [--threads 2]
 
 Loads the model with the farm's loader, renders one warm-up image, then times ``--repeats`` single
-images (batch 1) and one batch of 8 through ``workers.render.render_batch``. Prints a JSON last line.
+images (batch 1) and one batch of 8 through ``workers.diffusion.render.render_batch``. Prints a JSON last line.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from workers import semantics as S
+    from evaluation import checks as S
 
     path = args.model or S.DEFAULT_MODEL
     t0 = time.perf_counter()

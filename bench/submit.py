@@ -22,9 +22,9 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, insert, text
 
-from farm.celery_app import RENDER_TASK
+from farm.dispatch.celery_app import RENDER_TASK
 from farm.client import Farm
-from farm.records import ImageRecord, SubmissionRecord, utcnow
+from farm.db.tables import ImageRecord, SubmissionRecord, utcnow
 from farm.settings import Settings
 
 ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

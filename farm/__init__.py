@@ -19,7 +19,7 @@ from farm.errors import (
     WaitTimeout,
 )
 from farm.settings import Limits, Settings
-from farm.spec import GenerationRequest, ImageSpec
+from farm.request.spec import GenerationRequest, ImageSpec
 
 __all__ = [
     "ConfigError",

@@ -20,19 +20,23 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from sqlalchemy import select
 
-from farm import claims, db, submissions
-from farm.celery_app import make_celery
+from farm import db
+
+from farm import lifecycle
+
+from farm.dispatch import submissions
+from farm.dispatch.celery_app import make_celery
 from farm.errors import NotFound, ValidationError
 from farm.progress import wait_until
-from farm.records import FINISHED, ImageRecord, Status, SubmissionRecord
+from farm.db.tables import FINISHED, ImageRecord, Status, SubmissionRecord
 from farm.settings import Settings
-from farm.images import PreparedImage, prepare_image
-from farm.models import recommended
-from farm.spec import GenerationRequest, ImageSpec, PreparedInputs, check_request
+from farm.imaging.inputs import PreparedImage, prepare_image
+from farm.catalogue import recommended
+from farm.request.spec import GenerationRequest, ImageSpec, PreparedInputs, check_request
 from farm.storage import Storage, open_storage
 
 if TYPE_CHECKING:
-    from farm.campaigns import Campaign
+    from farm.campaigns.submit import Campaign
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,7 @@ class Farm:
         return self._storage
 
     def submit(self, prompt: str | None = None, **fields: Any) -> Submission:
-        """Submit one request (``prompt`` plus any field of :class:`~farm.spec.GenerationRequest`)."""
+        """Submit one request (``prompt`` plus any field of :class:`~farm.request.spec.GenerationRequest`)."""
         if prompt is not None:
             fields["prompt"] = prompt
         return self.submit_many([fields])
@@ -251,7 +255,7 @@ class Farm:
 
     def campaign(self, name: str) -> "Campaign":
         """A handle on the campaign called ``name`` (its first ``submit`` creates it)."""
-        from farm.campaigns import Campaign
+        from farm.campaigns.submit import Campaign
 
         return Campaign(self, name)
 
@@ -316,7 +320,7 @@ class Farm:
 
     def recover_expired(self) -> int:
         """Queue again the images of workers that died holding them; returns the tasks published."""
-        grouped = claims.take_back_expired(self.sessions)
+        grouped = lifecycle.take_back_expired(self.sessions)
         if not grouped:
             return 0
         return submissions.publish(

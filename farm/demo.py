@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from farm.client import Farm
-from farm.contact_sheet import contact_sheet
+from farm.imaging.contact_sheet import contact_sheet
 from farm.errors import FarmError
-from farm.models import recommended
+from farm.catalogue import recommended
 from farm.settings import Settings
 
 PROMPTS = [

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from sqlalchemy import select
 
 from farm.errors import NotFound, ValidationError
-from farm.keys import content_key
-from farm.records import LoraRecord, utcnow
+from farm.storage.keys import content_key
+from farm.db.tables import LoraRecord, utcnow
 
 if TYPE_CHECKING:
     from farm.client import Farm

@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     #: several CPU workers share a machine, e.g. cores / processes.
     torch_threads: int | None = Field(default=None, ge=1)
 
-    # -- render speed (workers.speed); None = on for CUDA, off on CPU --------------------------
+    # -- render speed (workers.diffusion.speed); None = on for CUDA, off on CPU --------------------------
     render_channels_last: bool | None = None
     #: fused q/k/v projections; a worker unfuses before its first LoRA (fusion drops LoRA weights)
     render_fuse_qkv: bool | None = None
@@ -143,14 +143,14 @@ class Settings(BaseSettings):
     render_compile: bool = False
     render_compile_mode: str | None = None
     render_warmup_sizes: str = "512x512"
-    #: Images rendered at once per size, ``"512x512=16,768x768=6"`` (workers.batching); sizes not
+    #: Images rendered at once per size, ``"512x512=16,768x768=6"`` (workers.diffusion.batching); sizes not
     #: named render a task's images all at once, halved and remembered on out-of-memory.
     render_batch_sizes: str = ""
     #: Measure the best batch per warm-up size at worker start (cached per GPU, model and torch
     #: version); None = on for CUDA. Sizes in ``render_batch_sizes`` are not measured.
     render_calibrate: bool | None = None
 
-    # -- finishing images (workers.finisher) ----------------------------------------------------
+    # -- finishing images (workers.finishing.finisher) ----------------------------------------------------
     #: Threads that PNG-encode and upload rendered images.
     upload_threads: int = Field(default=4, ge=1, le=64)
     #: A failed upload is tried again this many times (backoff 1, 2, 4… s) before its images are

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from workers import semantics as S  # noqa: E402
+from evaluation import checks as S  # noqa: E402
 
 CELL, TEXT = 128, 30
 

@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from farm.schedulers import SD1_PNDM_CONFIG  # noqa: E402
-from workers import semantics as S  # noqa: E402
+from farm.request.schedulers import SD1_PNDM_CONFIG  # noqa: E402
+from evaluation import checks as S  # noqa: E402
 
 STAGE_SEEDS = {"data": 1, "vae": 2, "latents": 3, "unet": 4, "lora": 5, "init": 6}
 
@@ -116,7 +116,7 @@ def build_tokenizer():
     """CLIPTokenizer over bytes + the caption words (each one token), built locally."""
     from transformers import CLIPTokenizer
 
-    from workers.tiny import build_vocab
+    from workers.diffusion.tiny import build_vocab
 
     vocab, merges = build_vocab(S.WORDS)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)

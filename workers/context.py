@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from farm import claims
+from farm import lifecycle
 from farm.errors import ModelLoadError
 from farm.settings import Settings
 
@@ -53,7 +53,7 @@ class WorkerContext:
     @property
     def inputs(self):
         if self._inputs is None:
-            from workers.inputs import InputCache
+            from workers.input_cache import InputCache
 
             self._inputs = InputCache(self.storage, self.settings.data_dir / "cache" / "inputs")
         return self._inputs
@@ -61,7 +61,7 @@ class WorkerContext:
     @property
     def lora_files(self):
         if self._lora_files is None:
-            from workers.lora_cache import LoraDiskCache
+            from workers.lora.disk_cache import LoraDiskCache
 
             self._lora_files = LoraDiskCache(
                 self.storage,
@@ -74,11 +74,11 @@ class WorkerContext:
     @property
     def adapters(self):
         if self._adapters is None:
-            from workers.adapters import AdapterSet
+            from workers.lora.adapters import AdapterSet
 
-            from workers.speed import unfuse_qkv
+            from workers.diffusion.speed import unfuse_qkv
 
-            # Fused q/k/v projections (workers.speed) would bypass the LoRA layers peft adds to
+            # Fused q/k/v projections (workers.diffusion.speed) would bypass the LoRA layers peft adds to
             # to_q/to_k/to_v: go back to separate projections before the first adapter loads.
             if unfuse_qkv(self.model.pipe):
                 log.info("unfused q/k/v projections: this worker serves LoRAs")
@@ -89,17 +89,17 @@ class WorkerContext:
     def finisher(self):
         """Encodes, uploads and records rendered chunks on threads while the GPU renders on."""
         if self._finisher is None:
-            from workers.finisher import Finisher
-            from workers.uploader import Uploader
+            from workers.finishing.finisher import Finisher
+            from workers.finishing.uploader import Uploader
 
             settings = self.settings
             lease = settings.claim_lease_seconds
             self._finisher = Finisher(
                 Uploader(self.storage, workers=settings.upload_threads, retries=settings.upload_retries),
-                record=lambda token, image_id, key, values: claims.record_success(
+                record=lambda token, image_id, key, values: lifecycle.record_success(
                     self.sessions, token, image_id, storage_key=key, **values
                 ),
-                renew=lambda tokens: [claims.heartbeat(self.sessions, token, lease) for token in tokens],
+                renew=lambda tokens: [lifecycle.heartbeat(self.sessions, token, lease) for token in tokens],
                 renew_every=lease / 4,
                 max_pending=settings.upload_max_pending,
             )
@@ -109,7 +109,7 @@ class WorkerContext:
     def batch_plan(self):
         """Images rendered at once per size (configured, measured, or learned from out-of-memory)."""
         if self._batch_plan is None:
-            from workers.batching import BatchPlan
+            from workers.diffusion.batching import BatchPlan
 
             self._batch_plan = BatchPlan(self.settings.batch_sizes)
         return self._batch_plan
@@ -117,7 +117,7 @@ class WorkerContext:
     @property
     def model(self):
         if self._model is None:
-            from workers.pipeline import load_pipeline
+            from workers.diffusion.pipeline import load_pipeline
 
             location = self.settings.models[self.model_name]
             started = time.perf_counter()
@@ -170,7 +170,7 @@ class WorkerContext:
         sizes = settings.warmup_sizes
         batches = range(1, settings.max_batch_size + 1)
         if settings.render_compile:
-            from workers.speed import warmup
+            from workers.diffusion.speed import warmup
 
             warmup(self._model.pipe, sizes, batches)
         calibrate = settings.render_calibrate
@@ -178,7 +178,7 @@ class WorkerContext:
             calibrate = str(self.device).startswith("cuda")
         unmeasured = [size for size in sizes if size not in settings.batch_sizes]
         if calibrate and unmeasured:
-            from workers.batching import BatchPlan, calibrate_pipeline
+            from workers.diffusion.batching import BatchPlan, calibrate_pipeline
 
             measured = calibrate_pipeline(self._model, unmeasured, settings.max_batch_size, cache_dir=settings.data_dir / "cache")
             self._batch_plan = BatchPlan({**measured, **settings.batch_sizes})
@@ -191,7 +191,7 @@ class WorkerContext:
                     settings.max_batch_size, capped,
                 )
         if settings.render_compile:
-            from workers.speed import freeze_compiled_shapes
+            from workers.diffusion.speed import freeze_compiled_shapes
 
             freeze_compiled_shapes()
 
@@ -202,7 +202,7 @@ class WorkerContext:
 
     def advertise(self) -> None:
         """Tell submitters which adapters this worker holds (affinity routing); never fails a task."""
-        from farm.routing import advertise
+        from farm.dispatch.routing import advertise
 
         try:
             loaded = self._adapters.loaded() if self._adapters is not None else []

@@ -1,4 +1,4 @@
-"""One worker process: one model, one device. Started by ``farm worker`` (``workers.launcher``).
+"""One worker process: one model, one device. Started by ``farm worker`` (``farm.supervisor``).
 
     python -m workers.main --model tiny --device cuda --name gpu0@host
 
@@ -16,8 +16,8 @@ import os
 
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from farm.celery_app import make_celery
-from farm.routing import own_queue, routes
+from farm.dispatch.celery_app import make_celery
+from farm.dispatch.routing import own_queue, routes
 from farm.settings import Settings
 from workers.context import WorkerContext
 from workers.tasks import register
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     app = make_celery(settings)
     register(app, context)
 
-    import workers.render  # noqa: F401  - torch + diffusers imported once, before the pool forks
+    import workers.diffusion.render  # noqa: F401  - torch + diffusers imported once, before the pool forks
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

@@ -1,10 +1,10 @@
 """The render task: claim → inputs → LoRAs → render in chunks → hand off (encode, upload, record).
 
 Read top to bottom, it is the whole life of a task on a worker. Delivery may repeat (late acks,
-requeue on a lost worker, visibility timeouts), so every write goes through ``farm.claims``: each
+requeue on a lost worker, visibility timeouts), so every write goes through ``farm.lifecycle``: each
 image is rendered and recorded once however often its message arrives.
 
-A task returns once its last chunk is handed to the process's :class:`~workers.finisher.Finisher`
+A task returns once its last chunk is handed to the process's :class:`~workers.finishing.finisher.Finisher`
 (``FARM_RENDER_OVERLAP_TASKS``, on by default): the next task renders while those PNGs upload. The
 images stay claimed, their leases renewed, until each is recorded after its upload; if the process
 dies first, the leases run out and the lease sweeper queues them again.
@@ -19,16 +19,16 @@ import time
 from celery import Celery, Task
 from sqlalchemy.exc import OperationalError
 
-from farm import claims
-from farm.celery_app import RENDER_TASK
+from farm import lifecycle
+from farm.dispatch.celery_app import RENDER_TASK
 from farm.errors import ModelLoadError, RenderError, StorageError
-from farm.keys import image_key
-from farm.pnginfo import a1111_extra, a1111_parameters, encode_png
-from farm.records import ImageRecord
-from farm.spec import ImageSpec
+from farm.storage.keys import image_key
+from farm.imaging.pnginfo import a1111_extra, a1111_parameters, encode_png
+from farm.db.tables import ImageRecord
+from farm.request.spec import ImageSpec
 from workers.context import WorkerContext
-from workers.inputs import InputError
-from workers.lora_cache import LoraError
+from workers.input_cache import InputError
+from workers.lora.disk_cache import LoraError
 
 log = logging.getLogger("farm.worker")
 
@@ -56,7 +56,7 @@ def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str)
 
     # 2. claim the images (queued ones, or those of a worker whose lease expired)
     try:
-        claim = claims.claim(
+        claim = lifecycle.claim(
             ctx.sessions, image_ids, worker=worker, lease_seconds=settings.claim_lease_seconds, max_attempts=MAX_ATTEMPTS
         )
     except OperationalError as exc:
@@ -83,21 +83,21 @@ def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str)
     try:
         lora_report = _activate_loras(ctx, specs[0].loras)
     except (LoraError, StorageError) as exc:
-        claims.record_failure(ctx.sessions, claim.token, [i.id for i in images], f"{type(exc).__name__}: {exc}")
+        lifecycle.record_failure(ctx.sessions, claim.token, [i.id for i in images], f"{type(exc).__name__}: {exc}")
         log.warning("batch of %d failed: %s", len(specs), exc)
         return {"rendered": 0, "failed": len(specs)}
     finally:
         if specs[0].loras:
             ctx.advertise()
 
-    # 5. render in chunks this GPU fits at this size (workers.batching), renewing the lease and
+    # 5. render in chunks this GPU fits at this size (workers.diffusion.batching), renewing the lease and
     #    reporting progress; each chunk goes to the finisher (PNG encode, upload, then record, on
     #    threads) while the next chunk, or the next task, renders
     return _render_and_hand_off(task, ctx, claim, model, images, specs, conditions, lora_report)
 
 
-def _render_and_hand_off(task: Task, ctx: WorkerContext, claim: claims.Claim, model: str, images, specs, conditions, lora_report) -> dict:
-    from workers.batching import free_memory, is_out_of_memory
+def _render_and_hand_off(task: Task, ctx: WorkerContext, claim: lifecycle.Claim, model: str, images, specs, conditions, lora_report) -> dict:
+    from workers.diffusion.batching import free_memory, is_out_of_memory
 
     settings = ctx.settings
     plan = ctx.batch_plan
@@ -117,7 +117,7 @@ def _render_and_hand_off(task: Task, ctx: WorkerContext, claim: claims.Claim, mo
                 continue
             # CUDA out of memory at one image, a kernel error, a batch the model cannot render: the
             # images not rendered yet fail with the reason; the worker goes on with the next task
-            claims.record_failure(ctx.sessions, claim.token, [images[n].id for n in todo], f"{type(exc).__name__}: {exc}")
+            lifecycle.record_failure(ctx.sessions, claim.token, [images[n].id for n in todo], f"{type(exc).__name__}: {exc}")
             (log.exception if type(exc) is RuntimeError else log.warning)("batch of %d failed: %s", len(todo), exc)
             return {"rendered": rendered, "failed": len(todo), "chunks": len(handoffs)}
         if batch.interrupted:  # every image of the claim was canceled
@@ -154,7 +154,7 @@ def _give_back(task: Task, ctx: WorkerContext, token: str, model: str):
 
     def give_back(image_ids: list[str], error: BaseException) -> None:
         note = f"queued again after {type(error).__name__}: {error}"
-        if claims.release(ctx.sessions, token, note=note, image_ids=image_ids, count_attempt=True):
+        if lifecycle.release(ctx.sessions, token, note=note, image_ids=image_ids, count_attempt=True):
             task.apply_async(
                 kwargs={"image_ids": image_ids, "model": model}, countdown=REQUEUE_DELAY, queue=queue, task_id=task_id
             )
@@ -167,7 +167,7 @@ def _activate_loras(ctx: WorkerContext, loras) -> list[dict]:
     """Load (or reuse) the batch's adapters at their weights; report how each was served."""
     if not loras and ctx._adapters is None:
         return []  # never used LoRA in this process: nothing to switch off
-    from farm.keys import content_key
+    from farm.storage.keys import content_key
 
     files = {}
     for sha, _weight in loras:
@@ -179,9 +179,9 @@ def _activate_loras(ctx: WorkerContext, loras) -> list[dict]:
     ]
 
 
-def _fetch_inputs(ctx: WorkerContext, claim: claims.Claim, specs: list[ImageSpec]):
+def _fetch_inputs(ctx: WorkerContext, claim: lifecycle.Claim, specs: list[ImageSpec]):
     """The init images and masks of the claimed images, from the worker's cache or storage."""
-    from workers.render import Conditioning
+    from workers.diffusion.render import Conditioning
 
     images, kept, conditions = [], [], []
     for image, spec in zip(claim.images, specs):
@@ -193,7 +193,7 @@ def _fetch_inputs(ctx: WorkerContext, claim: claims.Claim, specs: list[ImageSpec
                 )
             )
         except (StorageError, InputError) as exc:
-            claims.record_failure(ctx.sessions, claim.token, [image.id], f"{type(exc).__name__}: {exc}")
+            lifecycle.record_failure(ctx.sessions, claim.token, [image.id], f"{type(exc).__name__}: {exc}")
             log.warning("image %s: %s", image.id, exc)
             continue
         images.append(image)
@@ -201,8 +201,8 @@ def _fetch_inputs(ctx: WorkerContext, claim: claims.Claim, specs: list[ImageSpec
     return images, kept, conditions
 
 
-def _render(task: Task, ctx: WorkerContext, claim: claims.Claim, specs: list[ImageSpec], conditions):
-    from workers.render import render_batch
+def _render(task: Task, ctx: WorkerContext, claim: lifecycle.Claim, specs: list[ImageSpec], conditions):
+    from workers.diffusion.render import render_batch
 
     settings = ctx.settings
     last_beat = last_event = time.monotonic()
@@ -216,7 +216,7 @@ def _render(task: Task, ctx: WorkerContext, claim: claims.Claim, specs: list[Ima
             task.send_event("task-progress", step=done, steps=total, images=len(specs))
         if now - last_beat >= settings.claim_lease_seconds / 4:
             last_beat = now
-            return claims.heartbeat(ctx.sessions, claim.token, settings.claim_lease_seconds) > 0
+            return lifecycle.heartbeat(ctx.sessions, claim.token, settings.claim_lease_seconds) > 0
         return True
 
     return render_batch(
@@ -230,7 +230,7 @@ def finish_item(
     """What the finisher needs for one rendered image of ``model`` (a ``LoadedModel``): its key, its
     PNG (encoded on a pool thread, with the A1111 parameters and the farm's spec), the object's
     metadata and the record's values. ``image`` needs only ``id`` and ``submission_id``."""
-    from workers.finisher import Item
+    from workers.finishing.finisher import Item
 
     parameters = a1111_parameters(spec.params(), model_name=spec.model, model_hash=model.hash, extra=a1111_extra(spec))
     full_spec = {

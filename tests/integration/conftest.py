@@ -27,7 +27,7 @@ WORKER_READY_TIMEOUT = 180
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny random SD pipeline for the whole session (built through the real builder)."""
-    from workers.tiny import make_tiny
+    from workers.diffusion.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 

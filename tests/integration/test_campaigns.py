@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
-from farm.records import CampaignRecord, ImageRecord, Status, SubmissionRecord
+from farm.db.tables import CampaignRecord, ImageRecord, Status, SubmissionRecord
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from farm.pnginfo import read_png_metadata
-from farm.records import Status
+from farm.imaging.pnginfo import read_png_metadata
+from farm.db.tables import Status
 
 pytestmark = pytest.mark.integration
 

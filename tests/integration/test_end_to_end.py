@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from farm.pnginfo import read_png_metadata
-from farm.records import Status
+from farm.imaging.pnginfo import read_png_metadata
+from farm.db.tables import Status
 
 pytestmark = pytest.mark.integration
 

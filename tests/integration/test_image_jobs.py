@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image, ImageDraw
 
-from farm.pnginfo import read_png_metadata
+from farm.imaging.pnginfo import read_png_metadata
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ def test_a_corrupt_stored_input_fails_its_job_only(farm_env, s3_env):
     good, bad = init_png((10, 200, 10)), init_png((200, 200, 10))
     # the second image's stored object is damaged (as by a bad disk or a partial copy): the client
     # finds the key present and does not upload it again, so the worker fetches the damaged bytes
-    from farm.images import prepare_image
+    from farm.imaging.inputs import prepare_image
 
     bad_key = prepare_image(bad, field="init_image", limits=farm.settings.limits).key
     farm.storage.put(bad_key, bad[:100], content_type="image/png")

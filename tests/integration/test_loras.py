@@ -14,7 +14,7 @@ NAMES = [f"style-{c}" for c in "abcdef"]
 @pytest.fixture(scope="module")
 def farm_env(make_farm_env, tiny_model, tmp_path_factory):
     env = make_farm_env("servers", FARM_LORA_MAX_LOADED="2", FARM_AFFINITY_MAX_BACKLOG="2")
-    from workers.tiny_lora import make_tiny_lora
+    from evaluation.tiny_lora import make_tiny_lora
 
     folder = tmp_path_factory.mktemp("loras")
     farm = env.farm()
@@ -77,7 +77,7 @@ def test_a_backed_up_warm_worker_does_not_starve_the_others(farm_env, s3_env):
 
 
 def test_a_damaged_stored_lora_fails_its_job_with_the_reason_and_the_worker_goes_on(farm_env, s3_env, tiny_model, tmp_path):
-    from workers.tiny_lora import make_tiny_lora
+    from evaluation.tiny_lora import make_tiny_lora
 
     farm = farm_env.farm()
     record = farm.add_lora(make_tiny_lora(tiny_model, tmp_path / "fragile.safetensors", seed=77), name="fragile")

@@ -11,9 +11,9 @@ import boto3
 import pytest
 
 from farm.errors import ConfigError, StorageError
-from farm.keys import image_key
+from farm.storage.keys import image_key
 from farm.settings import Settings
-from farm.s3 import S3Storage
+from farm.storage.s3 import S3Storage
 from farm.storage import FileStorage, MissingObject, Storage, open_storage
 
 pytestmark = pytest.mark.integration

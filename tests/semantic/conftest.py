@@ -1,15 +1,15 @@
 """Semantic tests: the shipped shapes model (models/shapes) draws what its prompts say.
 
 Every test renders a handful of 64 px images on the CPU through the farm's own loader and renderer
-(``workers.pipeline.load_pipeline`` + ``workers.render.render_batch``); the model is loaded once per
-session. The checks themselves live in ``workers.semantics`` so the farm can reuse them.
+(``workers.diffusion.pipeline.load_pipeline`` + ``workers.diffusion.render.render_batch``); the model is loaded once per
+session. The checks themselves live in ``evaluation.checks`` so the farm can reuse them.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from workers import semantics as S
+from evaluation import checks as S
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,13 @@
-"""img2img and inpainting through the farm's own render path (workers.render), judged on meaning."""
+"""img2img and inpainting through the farm's own render path (workers.diffusion.render), judged on meaning."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from farm.spec import ImageSpec
-from workers import semantics as S
-from workers.render import Conditioning, render_batch
+from farm.request.spec import ImageSpec
+from evaluation import checks as S
+from workers.diffusion.render import Conditioning, render_batch
 
 
 def spec(mode: str, prompt: str, seed: int, **kw) -> ImageSpec:

@@ -2,7 +2,7 @@
 
 import random
 
-from workers import semantics as S
+from evaluation import checks as S
 
 
 def test_analysis_reads_ground_truth_drawings():

@@ -1,6 +1,6 @@
 """Classifier-free guidance works: without it (1.0) images follow their captions clearly less."""
 
-from workers import semantics as S
+from evaluation import checks as S
 
 
 def test_guidance_default_beats_no_guidance(shapes_model):

@@ -3,7 +3,7 @@
 Strength 0.2 keeps the input image; strength 0.9 follows a new prompt.
 """
 
-from workers import semantics as S
+from evaluation import checks as S
 
 
 def test_img2img_strength(shapes_model):

@@ -4,7 +4,7 @@ diffusers' StableDiffusionInpaintPipeline needs a 9-channel inpainting UNet, whi
 not; the latent-blend loop keeps the outside of the mask and generates the inside.
 """
 
-from workers import semantics as S
+from evaluation import checks as S
 
 
 def test_inpainting_keeps_outside_and_follows_prompt_inside(shapes_model):

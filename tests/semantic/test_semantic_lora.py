@@ -2,7 +2,7 @@
 
 from safetensors import safe_open
 
-from workers import semantics as S
+from evaluation import checks as S
 
 
 def test_lora_file_is_diffusers_layout():

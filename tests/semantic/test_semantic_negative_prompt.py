@@ -1,6 +1,6 @@
 """A negative prompt naming the foreground colour lowers that colour's share of the image."""
 
-from workers import semantics as S
+from evaluation import checks as S
 
 
 def test_negative_prompt_lowers_colour_share(shapes_model):

@@ -1,4 +1,4 @@
-"""workers.adapters: LoRAs as named adapters on the tiny model (CPU, offline).
+"""workers.lora.adapters: LoRAs as named adapters on the tiny model (CPU, offline).
 
 Correctness (issue 4, section 5): a render with LoRAs active equals a render from a pipeline whose
 UNet weights were merged by hand (W' = W + w * alpha/rank * B @ A) within 1/255, and switching the
@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from farm.settings import BUILTIN_TINY
-from workers.adapters import AdapterSet, adapter_name
-from workers.lora_cache import LoraError
-from workers.pipeline import LoadedModel, load_pipeline
-from workers.tiny_lora import make_tiny_lora, read_tiny_lora
+from workers.lora.adapters import AdapterSet, adapter_name
+from workers.lora.disk_cache import LoraError
+from workers.diffusion.pipeline import LoadedModel, load_pipeline
+from evaluation.tiny_lora import make_tiny_lora, read_tiny_lora
 
 STEPS = 3
 TOL = 1 / 255  # images are float in [0, 1] (output_type="np")

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from farm.spec import ImageSpec
-from farm.submissions import plan_batches
+from farm.request.spec import ImageSpec
+from farm.dispatch.submissions import plan_batches
 
 
 def _spec(**overrides: Any) -> ImageSpec:

@@ -1,4 +1,4 @@
-"""workers.batching: chunk sizes per resolution, measured, cached, shrunk on out-of-memory."""
+"""workers.diffusion.batching: chunk sizes per resolution, measured, cached, shrunk on out-of-memory."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from farm.settings import BUILTIN_TINY, Settings
-from workers.batching import BatchPlan, cached_calibration, calibrate, calibrate_pipeline, is_out_of_memory
+from workers.diffusion.batching import BatchPlan, cached_calibration, calibrate, calibrate_pipeline, is_out_of_memory
 
 torch.set_num_threads(1)
 
@@ -45,7 +45,7 @@ class FakeGpu:
         self.cost = cost
         self.now = 0.0
         self.calls: list[tuple[int, int, int]] = []
-        monkeypatch.setattr("workers.batching.time.perf_counter", lambda: self.now)
+        monkeypatch.setattr("workers.diffusion.batching.time.perf_counter", lambda: self.now)
 
     def __call__(self, width: int, height: int, batch: int) -> None:
         if batch > self.fits:
@@ -121,7 +121,7 @@ def test_calibrate_a_real_pipeline_and_use_it_in_a_worker(tmp_path: Path, monkey
     def measure_again(*args, **kwargs):
         raise AssertionError("measured again despite the cache")
 
-    monkeypatch.setattr("workers.batching.calibrate", measure_again)
+    monkeypatch.setattr("workers.diffusion.batching.calibrate", measure_again)
     again = calibrate_pipeline(ctx.model, [(64, 64)], 2, cache_dir=tmp_path / "cache")
     assert again == {(64, 64): chosen}
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from farm import Farm, Settings, ValidationError
-from farm.inputs import combinations, parse_sweeps, read_rows, row_id
+from farm.campaigns.prompt_files import combinations, parse_sweeps, read_rows, row_id
 from farm.settings import Limits
 
 

@@ -250,7 +250,7 @@ def test_db_upgrade_prints_the_revision(oneshots: dict[str, Ran]) -> None:
 def run_in_process(home: Path, *args: str, **env: str):
     from click.testing import CliRunner
 
-    from farm.cli import main
+    from farm.cli.main import main
 
     env = {"FARM_DATA_DIR": str(home / "data"), **env}
     cleared = {k: None for k in os.environ if k.startswith("FARM_") and k not in env}

@@ -1,4 +1,4 @@
-"""workers.finisher: chunks finish (encode, upload, record) in the background, leases renewed, failures given back."""
+"""workers.finishing.finisher: chunks finish (encode, upload, record) in the background, leases renewed, failures given back."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 import pytest
 
 from farm.errors import StorageError
-from workers.finisher import Finisher, Item
-from workers.uploader import Uploader
+from workers.finishing.finisher import Finisher, Item
+from workers.finishing.uploader import Uploader
 
 
 class Store:

@@ -7,10 +7,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from farm.errors import RenderError
-from farm.spec import ImageSpec
-from workers.pipeline import load_pipeline
-from workers.render import Conditioning, render_batch
-from workers.tiny import make_tiny
+from farm.request.spec import ImageSpec
+from workers.diffusion.pipeline import load_pipeline
+from workers.diffusion.render import Conditioning, render_batch
+from workers.diffusion.tiny import make_tiny
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_img2img_strength_zero_is_the_vae_round_trip(models):
     plain, _ = models
     init = init_image()
     out = array(render(plain, spec("img2img", strength=0.0), Conditioning(init=init)))
-    from workers.render import _round_trip
+    from workers.diffusion.render import _round_trip
 
     assert np.abs(out - array(_round_trip(plain, [init])[0])).max() <= 1
     moved = array(render(plain, spec("img2img", strength=0.5), Conditioning(init=init)))
@@ -74,7 +74,7 @@ def test_four_channel_inpainting_blends_latents_so_the_kept_part_is_the_vae_reco
     output is the VAE's reconstruction of the original (for a random VAE, not the original itself)."""
     plain, _ = models
     init, mask = init_image(), mask_image()
-    from workers.render import _round_trip
+    from workers.diffusion.render import _round_trip
 
     out = array(render(plain, spec("inpaint", strength=1.0), Conditioning(init=init, mask=mask)))
     reference = array(_round_trip(plain, [init])[0])

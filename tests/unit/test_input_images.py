@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from farm import Farm, Settings, ValidationError
-from farm.images import fit, output_size, prepare_image
+from farm.imaging.inputs import fit, output_size, prepare_image
 from farm.settings import Limits
 
 

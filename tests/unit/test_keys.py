@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from farm.keys import content_key, image_key
+from farm.storage.keys import content_key, image_key
 
 SUB = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 IMG = "11111111-2222-3333-4444-555555555555"

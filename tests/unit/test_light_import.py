@@ -27,7 +27,7 @@ def test_python_client_submits_without_heavy_imports(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import json, sys
-        import farm, farm.cli, farm.client
+        import farm, farm.cli.main, farm.client
         f = farm.Farm()
         job = f.submit("a red cube", width=64, height=64, num_images=2, seed=1)
         status = job.status()

@@ -1,4 +1,4 @@
-"""workers.lora_cache: verified, atomic, shared, size-capped LoRA files on a worker's disk (no torch)."""
+"""workers.lora.disk_cache: verified, atomic, shared, size-capped LoRA files on a worker's disk (no torch)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from farm.keys import content_key
+from farm.storage.keys import content_key
 from farm.storage import FileStorage
-from workers.lora_cache import LoraDiskCache, LoraError
+from workers.lora.disk_cache import LoraDiskCache, LoraError
 
 KB = 1024
 
@@ -133,7 +133,7 @@ def test_concurrent_processes_download_once(tmp_path: Path, folder: Path) -> Non
         import sys, time
         from pathlib import Path
         from farm.storage import FileStorage
-        from workers.lora_cache import LoraDiskCache
+        from workers.lora.disk_cache import LoraDiskCache
 
         class Slow(FileStorage):
             def get(self, key):
@@ -274,11 +274,11 @@ def test_writes_are_atomic(storage: CountingStorage, folder: Path, monkeypatch: 
 def test_a_short_write_is_no_space_and_leaves_nothing(storage: CountingStorage, folder: Path, monkeypatch) -> None:
     """A full disk that truncates silently: farm.storage.atomic_write sees fewer bytes than it wrote,
     renames nothing, and the cache says there is no space."""
-    import farm.storage
+    import farm.storage.base
 
     cache = LoraDiskCache(storage, folder, max_bytes=1 << 20, min_free_bytes=0)
     sha, key, data = _lora(storage, 1)
-    monkeypatch.setattr(farm.storage.os.path, "getsize", lambda path: len(data) - 1)
+    monkeypatch.setattr(farm.storage.base.os.path, "getsize", lambda path: len(data) - 1)
     with pytest.raises(LoraError, match=f"no space left to cache LoRA {sha}.*{len(data) - 1} of {len(data)} bytes"):
         cache.path(sha, key)
     monkeypatch.undo()

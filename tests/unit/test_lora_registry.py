@@ -10,8 +10,8 @@ from safetensors.numpy import save_file
 
 from farm import Farm, Settings, ValidationError
 from farm.settings import Limits
-from workers.tiny import make_tiny
-from workers.tiny_lora import make_tiny_lora
+from workers.diffusion.tiny import make_tiny
+from evaluation.tiny_lora import make_tiny_lora
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_jobs_name_loras_unknown_ones_are_errors_and_sets_never_share_a_batch(fa
     ])
     recorded = [r for r in job.results()]
     with farm.sessions() as session:
-        from farm.records import ImageRecord
+        from farm.db.tables import ImageRecord
 
         tasks = [session.get(ImageRecord, r.id).task_id for r in recorded]
         params = [session.get(ImageRecord, r.id).params["loras"] for r in recorded]

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, create_engine, inspect, text
 
 from farm import db
 from farm.errors import SchemaOutOfDate
-from farm.records import Base
+from farm.db.tables import Base
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 

@@ -1,4 +1,4 @@
-"""workers.pipeline and workers.schedulers on the tiny model (CPU only, offline)."""
+"""workers.diffusion.pipeline and workers.diffusion.schedulers on the tiny model (CPU only, offline)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from farm.errors import ModelLoadError, RenderError
-from farm.schedulers import SCHEDULERS
+from farm.request.schedulers import SCHEDULERS
 from farm.settings import BUILTIN_TINY
-from workers.pipeline import LoadedModel, check_model_folder, load_pipeline, resolve_location
-from workers.schedulers import make_scheduler
+from workers.diffusion.pipeline import LoadedModel, check_model_folder, load_pipeline, resolve_location
+from workers.diffusion.schedulers import make_scheduler
 
 
 @pytest.fixture(scope="session")

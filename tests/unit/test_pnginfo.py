@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from sd_parsers import ParserManager
 
-from farm.pnginfo import a1111_parameters, encode_png, read_png_metadata
-from farm.schedulers import SCHEDULERS
+from farm.imaging.pnginfo import a1111_parameters, encode_png, read_png_metadata
+from farm.request.schedulers import SCHEDULERS
 
 
 def _params(**overrides: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""farm.prompt_syntax: A1111's attention syntax, parsed exactly as A1111's parse_prompt_attention does."""
+"""farm.request.prompt_syntax: A1111's attention syntax, parsed exactly as A1111's parse_prompt_attention does."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from farm.errors import ValidationError
-from farm.prompt_syntax import MAX_NESTING, check, describe, has_syntax, parse
+from farm.request.prompt_syntax import MAX_NESTING, check, describe, has_syntax, parse
 
 # The first six are A1111's own doctests of modules/prompt_parser.parse_prompt_attention, with
 # A1111's exact float results; the rest cover the other rules the same code implements.
@@ -143,7 +143,7 @@ def test_parse_raises_value_error_on_a_bad_weight() -> None:
 def test_import_is_light() -> None:
     script = (
         "import json, sys\n"
-        "import farm.prompt_syntax as ps\n"
+        "import farm.request.prompt_syntax as ps\n"
         "ps.check('a (red:1.3) circle'); ps.describe('[x]')\n"
         "print(json.dumps([m for m in ('torch', 'transformers', 'diffusers', 'compel') if m in sys.modules]))\n"
     )

@@ -1,4 +1,4 @@
-"""workers.prompts on the tiny model: long prompts in 75-token windows, A1111 weights, clip skip (CPU, offline)."""
+"""workers.diffusion.prompts on the tiny model: long prompts in 75-token windows, A1111 weights, clip skip (CPU, offline)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from farm.settings import BUILTIN_TINY
-from workers.pipeline import LoadedModel, load_pipeline
-from workers.prompts import WINDOW_TOKENS, encode_prompts, needs_embeddings, token_count, window_count, windows
+from workers.diffusion.pipeline import LoadedModel, load_pipeline
+from workers.diffusion.prompts import WINDOW_TOKENS, encode_prompts, needs_embeddings, token_count, window_count, windows
 
 PLAIN = "a red circle on a blue background"
 #: 11 tokens a sentence, 13 times: 143 tokens, then 15 words (one token each) that the long-prompt tests
@@ -36,7 +36,7 @@ def _render(
     seed: int = 0,
     plain_diffusers: bool = False,
 ) -> list[np.ndarray]:
-    """Render as workers.render does: embeddings when encode_prompts gives them, else the strings."""
+    """Render as workers.diffusion.render does: embeddings when encode_prompts gives them, else the strings."""
     pipe = model.pipe
     negatives = list(negatives) if negatives is not None else [""] * len(prompts)
     embeds = None if plain_diffusers else encode_prompts(pipe, prompts, negatives, clip_skip=clip_skip, device=pipe.device)
@@ -219,8 +219,8 @@ def test_negative_prompt_syntax(model: LoadedModel) -> None:
 def test_the_render_path_keeps_a_short_prompt_the_same_beside_a_long_one(model: LoadedModel) -> None:
     """render_batch splits a batch by window count, so a short prompt batched with a long one
     renders exactly as alone (padding both to the long one's length would move it)."""
-    from farm.spec import ImageSpec
-    from workers.render import render_batch
+    from farm.request.spec import ImageSpec
+    from workers.diffusion.render import render_batch
 
     def spec(prompt: str, seed: int) -> ImageSpec:
         return ImageSpec(prompt=prompt, negative_prompt="", seed=seed, steps=4, guidance_scale=7.5, width=64,
@@ -237,7 +237,7 @@ def test_the_render_path_keeps_a_short_prompt_the_same_beside_a_long_one(model: 
 def test_emphasis_on_a_window_whose_mean_is_zero_stays_bounded() -> None:
     """A final layer norm without bias gives every token a mean of 0: A1111's rescale would divide
     rounding noise by rounding noise (factors of thousands); the window is only scaled instead."""
-    from workers.prompts import _emphasis
+    from workers.diffusion.prompts import _emphasis
 
     torch.manual_seed(0)
     z = torch.nn.functional.layer_norm(torch.randn(77, 32), (32,))  # each row's mean is 0

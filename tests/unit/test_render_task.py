@@ -13,16 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from farm import claims
+from farm import lifecycle
 from farm.errors import StorageError
-from farm.keys import image_key
-from farm.pnginfo import read_png_metadata
+from farm.storage.keys import image_key
+from farm.imaging.pnginfo import read_png_metadata
 from farm.settings import Settings
-from farm.spec import ImageSpec
+from farm.request.spec import ImageSpec
 from farm.storage import FileStorage
 from workers import tasks
 from workers.context import WorkerContext
-from workers.render import BatchResult, Rendered
+from workers.diffusion.render import BatchResult, Rendered
 
 
 class SlowFailingStorage(FileStorage):
@@ -93,11 +93,11 @@ def run_task(
                   for s in chunk_specs]
         return BatchResult(images=images, seconds=0.5 * len(chunk_specs), interrupted=False)
 
-    monkeypatch.setattr(claims, "claim", lambda *a, **k: claims.Claim(token="t", images=run.images))
-    monkeypatch.setattr(claims, "record_success", record_success)
-    monkeypatch.setattr(claims, "record_failure", record_failure)
-    monkeypatch.setattr(claims, "release", release)
-    monkeypatch.setattr(claims, "heartbeat", lambda *a, **k: 1)
+    monkeypatch.setattr(lifecycle, "claim", lambda *a, **k: lifecycle.Claim(token="t", images=run.images))
+    monkeypatch.setattr(lifecycle, "record_success", record_success)
+    monkeypatch.setattr(lifecycle, "record_failure", record_failure)
+    monkeypatch.setattr(lifecycle, "release", release)
+    monkeypatch.setattr(lifecycle, "heartbeat", lambda *a, **k: 1)
     monkeypatch.setattr(tasks, "_fetch_inputs", lambda ctx, claim, specs: (run.images, specs, [None] * len(specs)))
     monkeypatch.setattr(tasks, "_activate_loras", lambda ctx, loras: [])
     monkeypatch.setattr(tasks, "_render", render)

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from farm.settings import BUILTIN_SHAPES, shipped_model, BUILTIN_TINY, Limits, Settings
-from farm.spec import check_request
+from farm.request.spec import check_request
 from farm.errors import ValidationError
 
 

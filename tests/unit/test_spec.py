@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from farm.errors import ValidationError
-from farm.schedulers import SCHEDULER_NAMES
+from farm.request.schedulers import SCHEDULER_NAMES
 from farm.settings import Limits, Settings
-from farm.spec import MAX_SEED, GenerationRequest, ImageSpec, check_request
+from farm.request.spec import MAX_SEED, GenerationRequest, ImageSpec, check_request
 
 DEFAULT = Limits()
 REQUEST_FIELDS = [f.name for f in dataclasses.fields(GenerationRequest)]
@@ -249,9 +249,9 @@ def test_missing_seed_is_drawn_once_and_consecutive(settings: Settings) -> None:
 @pytest.mark.parametrize("draw", ["lowest", "highest"])
 def test_drawn_seeds_stay_in_range(settings: Settings, monkeypatch: pytest.MonkeyPatch, draw: str) -> None:
     """Whatever is drawn, every image's seed is a valid 32-bit seed (A1111 can replay it)."""
-    import farm.spec
+    import farm.request.spec
 
-    monkeypatch.setattr(farm.spec.secrets, "randbelow", lambda n: 0 if draw == "lowest" else n - 1)
+    monkeypatch.setattr(farm.request.spec.secrets, "randbelow", lambda n: 0 if draw == "lowest" else n - 1)
     seeds = [image.seed for image in check_request(_request(num_images=256), settings).images]
     assert len(seeds) == 256
     if draw == "lowest":

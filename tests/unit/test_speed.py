@@ -1,4 +1,4 @@
-"""workers.speed on the tiny model (CPU): the speed knobs keep every pixel within 1/255."""
+"""workers.diffusion.speed on the tiny model (CPU): the speed knobs keep every pixel within 1/255."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from farm.settings import BUILTIN_TINY
-from workers.pipeline import load_pipeline
-from workers.speed import defaults, is_fused, optimize, unfuse_qkv, warmup
+from workers.diffusion.pipeline import load_pipeline
+from workers.diffusion.speed import defaults, is_fused, optimize, unfuse_qkv, warmup
 
 torch.set_num_threads(1)
 
@@ -84,7 +84,7 @@ def test_after_warmup_other_shapes_run_eagerly_instead_of_compiling(models_dir: 
     size renders at once, eagerly, with no new graph, and the compiled shape keeps its code."""
     from torch._dynamo.utils import counters
 
-    from workers.speed import freeze_compiled_shapes
+    from workers.diffusion.speed import freeze_compiled_shapes
 
     model = load_pipeline("tiny", BUILTIN_TINY, models_dir=models_dir, device="cpu", speed=OFF)
     eager = _render(model.pipe)  # batch 2, before compiling

@@ -1,4 +1,4 @@
-"""workers.tiny: the built-in tiny random SD1.x pipeline (CPU only, no download)."""
+"""workers.diffusion.tiny: the built-in tiny random SD1.x pipeline (CPU only, no download)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.tiny import _WORDS, make_tiny, tiny_vocab
+from workers.diffusion.tiny import _WORDS, make_tiny, tiny_vocab
 
 PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
 

@@ -1,4 +1,4 @@
-"""workers.uploader: PNG encode + upload on a thread pool (no model, no network)."""
+"""workers.finishing.uploader: PNG encode + upload on a thread pool (no model, no network)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from farm.errors import StorageError
 from farm.storage import FileStorage
-from workers.uploader import Uploader
+from workers.finishing.uploader import Uploader
 
 
 class SlowStorage:

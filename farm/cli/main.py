@@ -1,0 +1,263 @@
+"""The ``farm`` command. Every error is one clear line on stderr and a non-zero exit, not a traceback.
+
+This module holds the group and the one-shot commands (submit, status, wait, …, db, model). The
+larger groups live beside it and are registered here: ``farm campaign`` (``farm.cli.campaign``),
+``farm lora`` (``farm.cli.lora``), ``farm model evaluate`` (``evaluation.cli``); what they
+all share (settings, errors, exit codes) is ``farm.cli.common``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from farm.cli.campaign import campaign
+from farm.cli.common import EXIT_FAILED, handles_errors, load_settings, open_farm
+from farm.cli.lora import lora
+from evaluation.cli import evaluate as model_evaluate
+from farm.errors import ValidationError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """farm: a render farm for Stable Diffusion v1.x.
+
+    With no FARM_* settings everything is embedded in one local data folder (SQLite, a filesystem
+    broker, file storage): `farm worker --cpu` in one shell, `farm submit` in another.
+    """
+
+
+@main.command()
+@click.option("--prompt", help="What to draw.")
+@click.option("--negative-prompt", default="", help="What not to draw.")
+@click.option("--num-images", type=int, default=None, help="Images to render (seeds seed, seed+1, …).")
+@click.option("--seed", type=int, default=None, help="First seed; drawn at random and recorded if omitted.")
+@click.option("--steps", type=int, default=25, show_default=True)
+@click.option("--guidance-scale", type=float, default=7.5, show_default=True)
+@click.option("--width", type=int, default=None, help="Default 512, or the init image's width rounded down to a multiple of 8.")
+@click.option("--height", type=int, default=None, help="Default 512, or the init image's height rounded down to a multiple of 8.")
+@click.option("--scheduler", default=None, help="ddim, pndm, euler, euler_a, heun, lms, dpmpp_2m, dpmpp_2m_karras, unipc.")
+@click.option("--model", default=None, help="A name from FARM_MODELS (default FARM_DEFAULT_MODEL).")
+@click.option("--file", "file_", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A JSONL file: one request object per line (the same fields, snake_case).")
+@click.option("--label", default=None, help="A label to find the submission by.")
+@click.option("--init-image", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="img2img: start from this PNG, JPEG or WebP (uploaded once, by content hash).")
+@click.option("--mask", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Inpainting: white = repaint, black = keep; the init image's size.")
+@click.option("--strength", type=float, default=None, help="0 keeps the init image, 1 ignores it (default 0.75; inpainting 1).")
+@click.option("--resize-mode", type=click.Choice(["resize", "crop", "fill"]), default="resize", show_default=True,
+              help="How the init image meets --width/--height.")
+@click.option("--mask-blur", type=int, default=0, show_default=True, help="Inpainting: blur the mask edge (pixels).")
+@click.option("--paste-back", is_flag=True, help="Inpainting: keep the unmasked original pixels exactly.")
+@click.option("--clip-skip", type=int, default=1, show_default=True, help="1 or 2, as A1111's Clip skip.")
+@click.option("--lora", "loras", multiple=True, help="NAME[:WEIGHT] of a registered LoRA (repeatable).")
+@handles_errors
+def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, width, height, scheduler, model, file_,
+           label, init_image, mask, strength, resize_mode, mask_blur, paste_back, clip_skip, loras):
+    """Validate and queue a request; print the submission id."""
+    if file_ is not None:
+        if prompt is not None:
+            raise click.UsageError("give --prompt or --file, not both")
+        numbered = list(_read_jsonl(file_))
+        lines = [number for number, _ in numbered]
+        requests = [request for _, request in numbered]
+    elif prompt is None:
+        raise click.UsageError("give --prompt TEXT or --file requests.jsonl")
+    else:
+        requests = [
+            {
+                "prompt": prompt,
+                "negative_prompt": negative_prompt,
+                "num_images": num_images,
+                "seed": seed,
+                "steps": steps,
+                "guidance_scale": guidance_scale,
+                "width": width,
+                "height": height,
+                "scheduler": scheduler,
+                "model": model,
+                "init_image": str(init_image) if init_image else None,
+                "mask": str(mask) if mask else None,
+                "strength": strength,
+                "resize_mode": resize_mode,
+                "mask_blur": mask_blur,
+                "paste_back": paste_back,
+                "clip_skip": clip_skip,
+                "loras": [_lora_ref(item) for item in loras] or None,
+            }
+        ]
+        lines = ()
+    with open_farm() as farm:
+        try:
+            job = farm.submit_many(requests, label=label)
+        except ValidationError as exc:
+            if lines and exc.index is not None:
+                raise exc.at(f"{file_.name} line {lines[exc.index]}") from None
+            raise
+        click.echo(job.id)
+
+
+def _lora_ref(item: str) -> dict:
+    name, _, weight = item.rpartition(":") if ":" in item else (item, "", "")
+    try:
+        return {"name": name, "weight": float(weight) if weight else 1.0}
+    except ValueError:
+        raise ValidationError("--lora", item, "must be NAME or NAME:WEIGHT, e.g. ink:0.8") from None
+
+
+def _read_jsonl(path: Path):
+    """``(line number, request)`` for each non-empty line."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValidationError(f"{path.name} line {number}", line.strip()[:60], f"is not valid JSON ({exc.msg})") from None
+
+
+@main.command()
+@click.argument("submission_id", required=False)
+@handles_errors
+def status(submission_id):
+    """Counts by state of a submission (or of the latest ten)."""
+    with open_farm() as farm:
+        jobs = [farm.submission(submission_id)] if submission_id else farm.latest()
+        for job in jobs:
+            click.echo(str(job.status()))
+
+
+@main.command()
+@click.argument("submission_id")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit 2).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@handles_errors
+def wait(submission_id, timeout, progress):
+    """Wait until every image finished; exit 0 only when every image succeeded."""
+    with open_farm() as farm:
+        final = farm.submission(submission_id).wait(timeout=timeout, progress=progress)
+    click.echo(str(final))
+    sys.exit(0 if final.succeeded else EXIT_FAILED)
+
+
+@main.command()
+@click.argument("submission_id")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@handles_errors
+def download(submission_id, directory):
+    """Write the submission's finished PNGs and a metadata.jsonl to DIRECTORY."""
+    with open_farm() as farm:
+        paths = farm.submission(submission_id).download(directory)
+    click.echo(f"{len(paths)} image(s) in {directory}")
+
+
+@main.command()
+@click.argument("submission_id")
+@handles_errors
+def cancel(submission_id):
+    """Cancel every image not finished yet."""
+    with open_farm() as farm:
+        count = farm.submission(submission_id).cancel()
+    click.echo(f"canceled {count} image(s)")
+
+
+@main.command()
+@click.argument("submission_id")
+@handles_errors
+def requeue(submission_id):
+    """Publish a submission's queued work again (after a broker outage); duplicates are harmless."""
+    with open_farm() as farm:
+        count = farm.submission(submission_id).requeue()
+    click.echo(f"published {count} task(s)")
+
+
+@main.command()
+@click.option("--model", default=None, help="A name from FARM_MODELS (default FARM_DEFAULT_MODEL).")
+@click.option("--gpus", default="all", show_default=True, help="'all' or GPU indices, e.g. 0,1: one process each.")
+@click.option("--cpu", is_flag=True, help="Render on the CPU (fp32) instead of GPUs.")
+@click.option("--name", default=None, help="Node name (default gpu<N>@host, or cpu@host).")
+@click.option("--processes", type=int, default=1, show_default=True, help="With --cpu: how many worker processes.")
+@click.option("--loglevel", default="INFO", show_default=True)
+@handles_errors
+def worker(model, gpus, cpu, name, processes, loglevel):
+    """Start one worker process per GPU for one model."""
+    import logging
+
+    from farm import supervisor as launcher
+
+    logging.basicConfig(level=loglevel, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
+    settings = load_settings()
+    model = model or settings.default_model
+    slots = launcher.plan_slots(gpus, cpu=cpu, name=name, count=processes)
+    sys.exit(launcher.run(settings, model=model, slots=slots, loglevel=loglevel))
+
+
+main.add_command(campaign)
+main.add_command(lora)
+
+
+@main.group()
+def db() -> None:
+    """Database schema (Alembic)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@handles_errors
+def db_upgrade(revision):
+    """Apply migrations to FARM_DATABASE_URL."""
+    from farm import db as farm_db
+
+    settings = load_settings()
+    engine = farm_db.make_engine(settings.database)
+    farm_db.upgrade(engine, revision)
+    click.echo(f"database at revision {farm_db.current_revision(engine)}")
+
+
+@main.group()
+def model() -> None:
+    """Models: build the tiny test model; evaluate the shapes model."""
+
+
+@model.command("make-tiny")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--inpainting", is_flag=True, help="A 9-channel inpainting UNet (the sd-v1-5-inpainting layout).")
+@handles_errors
+def make_tiny(directory, seed, inpainting):
+    """Write a tiny random SD-architecture pipeline (diffusers format, safetensors) to DIRECTORY."""
+    from workers.diffusion.tiny import make_tiny as build
+
+    click.echo(str(build(directory, seed=seed, in_channels=9 if inpainting else 4)))
+
+
+model.add_command(model_evaluate)
+
+
+@main.command()
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda for the first GPU.")
+@handles_errors
+def demo(out, device):
+    """Render a demo batch end to end (a real worker process) and write it to OUT."""
+    from farm.demo import run_demo
+
+    click.echo(str(run_demo(load_settings(), out, device=device)))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def flower(ctx):
+    """Start Flower on the farm's broker (extra options go to Flower, e.g. --port=5555)."""
+    from farm.dispatch.celery_app import make_celery
+
+    make_celery(load_settings()).start(["flower", *ctx.args])
+
+
+if __name__ == "__main__":
+    main()

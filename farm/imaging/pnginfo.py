@@ -1,0 +1,168 @@
+"""PNG metadata as AUTOMATIC1111 writes it, so third-party tools (sd-parsers, Civitai, A1111's own
+"PNG Info" tab) read farm images; plus a ``farm`` chunk with the exact spec for the farm itself.
+
+Pure Pillow: safe on the light side.
+
+The ``parameters`` text chunk follows A1111's infotext format::
+
+    a red cube on a table
+    Negative prompt: blurry
+    Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 123, Size: 512x768, Model hash: abcdef1234, Model: tiny
+
+Karras variants are written the A1111 ≥ 1.9 way (``Sampler: DPM++ 2M, Schedule type: Karras``):
+sd-parsers reads that as sampler ``DPM++ 2M`` with parameter ``scheduler="Karras"``, which keeps
+the sampler name comparable across schedules. Values holding ``,``, ``:`` or a newline are JSON-quoted,
+as A1111's ``quote()`` does.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Mapping
+
+from PIL import Image, PngImagePlugin
+
+from farm.request.schedulers import SCHEDULERS
+
+#: The text chunk A1111 writes its infotext to (and every reader looks for).
+PARAMETERS_KEY = "parameters"
+#: The text chunk holding the farm's own JSON spec.
+FARM_KEY = "farm"
+
+_KARRAS = " Karras"
+_RESERVED = frozenset(
+    {"Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model"}
+)
+
+
+def quote(value: object) -> str:
+    """A1111's ``quote()``: JSON-quote a value that holds ``,``, ``:`` or a newline."""
+    text = str(value)
+    if "," not in text and ":" not in text and "\n" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _number(value: float | int) -> str:
+    """``7`` for 7.0 and ``7.5`` for 7.5, as A1111 prints its CFG scale."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def sampler_fields(scheduler: str) -> dict[str, str]:
+    """A1111's ``Sampler`` (and ``Schedule type`` for Karras variants) for a farm scheduler name.
+
+    Raised as ``ValueError`` for a name that is not in :data:`farm.request.schedulers.SCHEDULERS`.
+    """
+    try:
+        info = SCHEDULERS[scheduler]
+    except KeyError:
+        raise ValueError(
+            f"scheduler {scheduler!r} has no A1111 name; valid names: {', '.join(SCHEDULERS)}"
+        ) from None
+    name = info.a1111_name
+    if info.options.get("use_karras_sigmas") or name.endswith(_KARRAS):
+        return {"Sampler": name.removesuffix(_KARRAS), "Schedule type": "Karras"}
+    return {"Sampler": name}
+
+
+def a1111_parameters(
+    params: Mapping[str, Any],
+    *,
+    model_name: str,
+    model_hash: str | None,
+    extra: Mapping[str, str] | None = None,
+) -> str:
+    """The infotext A1111 would write for ``params`` (one image's spec).
+
+    ``params`` needs ``prompt``, ``negative_prompt``, ``steps``, ``scheduler`` (farm name),
+    ``guidance_scale``, ``seed``, ``width`` and ``height``; other keys are ignored. ``extra`` is
+    appended in order as ``Key: value`` (e.g. ``{"Denoising strength": "0.75", "Clip skip": "2"}``).
+
+    Raised as ``ValueError`` when the scheduler is unknown or an ``extra`` key is empty, holds
+    ``,``/``:``/a newline, or repeats a standard key.
+    """
+    fields: dict[str, str] = {"Steps": str(int(params["steps"]))}
+    fields.update(sampler_fields(params["scheduler"]))
+    fields["CFG scale"] = _number(params["guidance_scale"])
+    fields["Seed"] = str(int(params["seed"]))
+    fields["Size"] = f"{int(params['width'])}x{int(params['height'])}"
+    if model_hash:
+        fields["Model hash"] = model_hash
+    if model_name:
+        fields["Model"] = model_name
+    for key, value in (extra or {}).items():
+        if not key or key != key.strip() or any(c in key for c in ",:\n") or key in _RESERVED or key in fields:
+            raise ValueError(
+                f"extra infotext key {key!r} must be a non-empty name without ',', ':' or newlines "
+                f"and not one of the standard keys ({', '.join(sorted(_RESERVED))})"
+            )
+        fields[key] = str(value)
+
+    line = ", ".join(f"{key}: {quote(value)}" for key, value in fields.items())
+    prompt = str(params.get("prompt") or "")
+    negative = str(params.get("negative_prompt") or "")
+    negative_line = f"\nNegative prompt: {negative}" if negative else ""
+    # A1111: f"{prompt}{negative}\n{params}".strip()
+    return f"{prompt}{negative_line}\n{line}".strip()
+
+
+def encode_png(image: Image.Image, *, parameters: str, spec: Mapping[str, Any]) -> bytes:
+    """``image`` as PNG bytes with a ``parameters`` chunk (A1111's) and a ``farm`` JSON chunk.
+
+    ``parameters`` goes in tEXt when it is latin-1 and in iTXt (UTF-8) otherwise, so unicode
+    prompts survive; the spec is ``json.dumps(spec, sort_keys=True)`` (ASCII, so tEXt).
+    """
+    info = PngImagePlugin.PngInfo()
+    try:
+        parameters.encode("latin-1")
+    except UnicodeEncodeError:
+        info.add_itxt(PARAMETERS_KEY, parameters)
+    else:
+        info.add_text(PARAMETERS_KEY, parameters)
+    info.add_text(FARM_KEY, json.dumps(dict(spec), sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def read_png_metadata(data: bytes) -> tuple[str | None, dict[str, Any] | None]:
+    """``(parameters text, farm spec)`` from PNG bytes; ``None`` for a chunk that is absent.
+
+    Raised as ``ValueError`` when ``data`` is not a PNG or the ``farm`` chunk is not a JSON object.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (OSError, Image.UnidentifiedImageError) as error:
+        raise ValueError(f"not a readable image ({len(data)} bytes): {error}") from error
+    with image:
+        if image.format != "PNG":
+            raise ValueError(f"expected a PNG, got {image.format}")
+        # ``.text`` also reads text chunks that come after the image data.
+        text = dict(image.text)  # type: ignore[attr-defined]
+    parameters = text.get(PARAMETERS_KEY)
+    raw_spec = text.get(FARM_KEY)
+    if raw_spec is None:
+        return parameters, None
+    try:
+        spec = json.loads(raw_spec)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"the PNG's {FARM_KEY!r} chunk is not valid JSON: {error}") from error
+    if not isinstance(spec, dict):
+        raise ValueError(f"the PNG's {FARM_KEY!r} chunk is {type(spec).__name__}, not a JSON object")
+    return parameters, spec
+
+
+def a1111_extra(params: Any) -> dict[str, str]:
+    """The keys A1111 adds for image-conditioned jobs and clip skip, from an ImageSpec (or its params)."""
+    get = params.get if isinstance(params, Mapping) else lambda name, default=None: getattr(params, name, default)
+    extra: dict[str, str] = {}
+    if get("mode", "txt2img") != "txt2img" and get("strength") is not None:
+        extra["Denoising strength"] = _number(get("strength"))
+    if get("mode") == "inpaint":
+        extra["Mask blur"] = str(int(get("mask_blur", 0) or 0))
+    if int(get("clip_skip", 1) or 1) > 1:
+        extra["Clip skip"] = str(int(get("clip_skip")))
+    return extra

@@ -1,0 +1,129 @@
+"""``farm worker``: one worker process per GPU, each pinned to its device, plus a lease sweeper.
+
+Light on purpose (no torch): it only counts GPUs, starts ``python -m workers.main`` once per GPU
+with ``CUDA_VISIBLE_DEVICES`` set in that process's environment, restarts a process that dies, and
+every few seconds queues again the images of a worker that died holding them (``farm.lifecycle``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+
+from farm.errors import ConfigError
+from farm.settings import Settings
+
+log = logging.getLogger("farm.launcher")
+
+
+@dataclass
+class Slot:
+    name: str
+    device: str
+    visible: str | None  # CUDA_VISIBLE_DEVICES for this process; None on CPU
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+
+
+def detect_gpus() -> list[str]:
+    """GPU indices from ``nvidia-smi`` (no CUDA initialised here)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ConfigError(
+            f"cannot list GPUs with nvidia-smi ({exc}); pass --gpus 0,1,… or use --cpu"
+        ) from exc
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def plan_slots(gpus: str, *, cpu: bool, name: str | None, count: int = 1) -> list[Slot]:
+    host = socket.gethostname()
+    if cpu:
+        base = name or f"cpu@{host}"
+        if count == 1:
+            return [Slot(name=base, device="cpu", visible="")]
+        node, _, at = base.partition("@")
+        return [Slot(name=f"{node}{i}@{at or host}", device="cpu", visible="") for i in range(count)]
+    indices = detect_gpus() if gpus == "all" else [g.strip() for g in gpus.split(",") if g.strip()]
+    if not indices:
+        raise ConfigError(f"no GPU to use (--gpus {gpus!r}); pass --cpu to render on the CPU")
+    for index in indices:
+        if not index.isdigit():
+            raise ConfigError(f"--gpus {gpus!r}: {index!r} is not a GPU index; use 'all' or e.g. '0,1'")
+    prefix = name.split("@")[0] if name else "gpu"
+    return [Slot(name=f"{prefix}{i}@{host}", device="cuda", visible=i) for i in indices]
+
+
+def run(settings: Settings, *, model: str, slots: list[Slot], sweep: bool = True, loglevel: str = "INFO") -> int:
+    """Start every slot's process, keep them running, stop them all on SIGINT/SIGTERM."""
+    if model not in settings.models:
+        raise ConfigError(f"model {model!r} is not in FARM_MODELS ({', '.join(sorted(settings.models))})")
+    stopping = threading.Event()
+
+    def start(slot: Slot) -> None:
+        env = dict(os.environ)
+        if slot.visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = slot.visible
+        cmd = [sys.executable, "-m", "workers.main", "--model", model, "--device", slot.device, "--name", slot.name, "--loglevel", loglevel]
+        slot.process = subprocess.Popen(cmd, env=env)
+        log.info("started %s (pid %d) for model %s on %s", slot.name, slot.process.pid, model, slot.device)
+
+    def stop(signum, _frame) -> None:
+        stopping.set()
+        for slot in slots:
+            if slot.process and slot.process.poll() is None:
+                slot.process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for slot in slots:
+        start(slot)
+    if sweep:
+        threading.Thread(target=_sweep, args=(settings, stopping), daemon=True, name="lease-sweeper").start()
+
+    while not stopping.is_set():
+        for slot in slots:
+            code = slot.process.poll() if slot.process else None
+            if code is not None and not stopping.is_set():
+                slot.restarts += 1
+                delay = min(60, 2**slot.restarts)
+                log.warning("%s exited with %s; restarting in %d s", slot.name, code, delay)
+                stopping.wait(delay)
+                if not stopping.is_set():
+                    start(slot)
+        stopping.wait(1.0)
+    for slot in slots:
+        if slot.process:
+            try:
+                slot.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                slot.process.kill()
+    return 0
+
+
+def _sweep(settings: Settings, stopping: threading.Event) -> None:
+    """Queue again the images whose worker died holding them (its lease ran out)."""
+    from farm.client import Farm
+
+    interval = max(1.0, settings.claim_lease_seconds / 2)
+    farm = None
+    while not stopping.wait(interval):
+        try:
+            farm = farm or Farm(settings)
+            count = farm.recover_expired()
+            if count:
+                log.warning("queued again %d task(s) of workers that stopped renewing their lease", count)
+        except Exception:  # the database or broker may be down for a while; try again next round
+            log.exception("lease sweep failed")

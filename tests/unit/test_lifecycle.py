@@ -1,0 +1,306 @@
+"""Claims on embedded SQLite: each image is rendered and recorded once, whatever the deliveries do."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from farm import db
+
+from farm import lifecycle
+
+from farm.dispatch import submissions
+from farm.db.tables import ImageRecord
+from farm.settings import Settings
+from farm.request.spec import check_request
+
+LEASE = 30.0
+TINY_LEASE = 0.05
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path, max_batch_size=8)
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'lifecycle.db'}")
+    db.upgrade(engine)
+    yield db.make_sessionmaker(engine)
+    engine.dispose()
+
+
+def _submit(sessions: sessionmaker[Session], settings: Settings, num_images: int = 3, **fields) -> tuple[str, list[str]]:
+    specs = check_request({"prompt": "a red cube", "num_images": num_images, "seed": 1, **fields}, settings).images
+    submission_id, batches = submissions.record_submission(sessions, specs, num_requests=1, settings=settings)
+    return submission_id, [image_id for batch in batches for image_id in batch.image_ids]
+
+
+def _rows(sessions: sessionmaker[Session], ids: list[str]) -> list[ImageRecord]:
+    with sessions() as session:
+        by_id = {row.id: row for row in session.scalars(select(ImageRecord).where(ImageRecord.id.in_(ids)))}
+    return [by_id[image_id] for image_id in ids]
+
+
+def _claim(sessions, ids, *, worker="w1", lease=LEASE, max_attempts=3) -> lifecycle.Claim:
+    return lifecycle.claim(sessions, ids, worker=worker, lease_seconds=lease, max_attempts=max_attempts)
+
+
+def test_claim_takes_queued_images(sessions, settings) -> None:
+    _, ids = _submit(sessions, settings)
+    got = _claim(sessions, ids, worker="gpu0@a")
+    assert [image.id for image in got.images] == ids  # in submission order
+    assert got.held_elsewhere == [] and got.given_up == []
+    for row in _rows(sessions, ids):
+        assert row.status == "running"
+        assert row.claim_token == got.token
+        assert row.worker == "gpu0@a"
+        assert row.attempts == 1
+        assert row.started_at is not None
+        remaining = (row.lease_expires_at - row.started_at).total_seconds()
+        assert remaining == pytest.approx(LEASE, abs=1)
+    # the claimed rows carry what the worker renders
+    assert sorted(image.seed for image in got.images) == [1, 2, 3]
+
+
+def test_second_claim_gets_nothing_and_knows_how_long_to_wait(sessions, settings) -> None:
+    _, ids = _submit(sessions, settings)
+    first = _claim(sessions, ids, worker="w1")
+    second = _claim(sessions, ids, worker="w2")
+    assert second.images == []
+    assert sorted(second.held_elsewhere) == sorted(ids)
+    assert second.wait_seconds == pytest.approx(LEASE, abs=2)
+    assert second.token != first.token
+    assert {row.claim_token for row in _rows(sessions, ids)} == {first.token}
+    assert {row.worker for row in _rows(sessions, ids)} == {"w1"}
+    assert {row.attempts for row in _rows(sessions, ids)} == {1}
+
+
+def test_racing_claims_never_share_an_image(sessions, settings) -> None:
+    _, ids = _submit(sessions, settings, num_images=8)
+    results: list[lifecycle.Claim] = []
+    barrier = threading.Barrier(4)
+
+    def run(name: str) -> None:
+        barrier.wait()
+        results.append(_claim(sessions, ids, worker=name))
+
+    threads = [threading.Thread(target=run, args=(f"w{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    taken = [image.id for result in results for image in result.images]
+    assert sorted(taken) == sorted(ids), "every image claimed exactly once"
+    assert {row.attempts for row in _rows(sessions, ids)} == {1}
+
+
+def test_expired_lease_is_taken_over(sessions, settings) -> None:
+    _, ids = _submit(sessions, settings)
+    dead = _claim(sessions, ids, worker="dead", lease=TINY_LEASE)
+    time.sleep(TINY_LEASE * 3)
+    alive = _claim(sessions, ids, worker="alive")
+    assert [image.id for image in alive.images] == ids
+    assert alive.held_elsewhere == []
+    for row in _rows(sessions, ids):
+        assert row.attempts == 2
+        assert row.worker == "alive"
+        assert row.claim_token == alive.token
+
+    # the dead worker comes back: its heartbeat finds nothing, its results are refused
+    assert lifecycle.heartbeat(sessions, dead.token, LEASE) == 0
+    assert lifecycle.record_success(sessions, dead.token, ids[0], storage_key="images/stale.png") is False
+    assert lifecycle.record_failure(sessions, dead.token, ids, "stale failure") == 0
+    row = _rows(sessions, ids)[0]
+    assert row.status == "running"
+    assert row.storage_key is None and row.error is None
+
+    assert lifecycle.record_success(sessions, alive.token, ids[0], storage_key="images/good.png", gpu_seconds=1.5)
+    row = _rows(sessions, ids)[0]
+    assert row.status == "succeeded"
+    assert row.storage_key == "images/good.png"
+    assert row.gpu_seconds == 1.5
+    assert row.lease_expires_at is None and row.finished_at is not None
+
+
+def test_live_lease_is_not_taken_over(sessions, settings) -> None:
+    _, ids = _submit(sessions, settings)
+    first = _claim(sessions, ids, lease=TINY_LEASE)
+    lifecycle.heartbeat(sessions, first.token, LEASE)  # renewed before it ran out
+    time.sleep(TINY_LEASE * 3)
+    assert _claim(sessions, ids, worker="w2").images == []
+
+
+def test_record_success_twice_records_once(sessions, settings) -> None:
+    _, ids = _submit(sessions, settings, num_images=1)
+    got = _claim(sessions, ids)
+    assert lifecycle.record_success(sessions, got.token, ids[0], storage_key="images/a.png") is True
+    finished_at = _rows(sessions, ids)[0].finished_at
+    assert lifecycle.record_success(sessions, got.token, ids[0], storage_key="images/b.png") is False
+    row = _rows(sessions, ids)[0]
+    assert row.storage_key == "images/a.png"
+    assert row.finished_at == finished_at
+    # a finished image is not claimed again either
+    assert _claim(sessions, ids, worker="w2").images == []
+
+
+def test_heartbeat_renews_and_counts_held_images(sessions, settings) -> None:
+    _, ids = _submit(sessions, settings)
+    got = _claim(sessions, ids, lease=5)
+    before = _rows(sessions, ids)[0].lease_expires_at
+    assert lifecycle.heartbeat(sessions, got.token, LEASE) == 3
+    after = _rows(sessions, ids)[0].lease_expires_at
+    assert (after - before).total_seconds() == pytest.approx(LEASE - 5, abs=1)
+    lifecycle.record_success(sessions, got.token, ids[0], storage_key="images/x.png")
+    assert lifecycle.heartbeat(sessions, got.token, LEASE) == 2
+
+
+def test_canceled_images_are_never_claimed(sessions, settings) -> None:
+    submission_id, ids = _submit(sessions, settings)
+    assert submissions.cancel(sessions, submission_id) == 3
+    got = _claim(sessions, ids)
+    assert got.images == [] and got.held_elsewhere == []
+    assert {row.status for row in _rows(sessions, ids)} == {"canceled"}
+    assert {row.attempts for row in _rows(sessions, ids)} == {0}
+
+
+def test_cancel_while_running_wins_over_the_worker(sessions, settings) -> None:
+    submission_id, ids = _submit(sessions, settings)
+    got = _claim(sessions, ids)
+    assert lifecycle.heartbeat(sessions, got.token, LEASE) == 3
+    assert submissions.cancel(sessions, submission_id) == 3
+    assert lifecycle.heartbeat(sessions, got.token, LEASE) == 0  # the worker stops at its next step
+    assert lifecycle.record_success(sessions, got.token, ids[0], storage_key="images/late.png") is False
+    assert lifecycle.record_failure(sessions, got.token, ids, "late failure") == 0
+    assert lifecycle.release(sessions, got.token) == 0
+    for row in _rows(sessions, ids):
+        assert row.status == "canceled"
+        assert row.storage_key is None
+        assert row.error == "canceled by the user"
+    with sessions() as session:
+        assert submissions.counts(session, submission_id)["canceled"] == 3
+
+
+def test_cancel_keeps_finished_images(sessions, settings) -> None:
+    submission_id, ids = _submit(sessions, settings)
+    got = _claim(sessions, ids)
+    lifecycle.record_success(sessions, got.token, ids[0], storage_key="images/done.png")
+    assert submissions.cancel(sessions, submission_id) == 2
+    assert [row.status for row in _rows(sessions, ids)] == ["succeeded", "canceled", "canceled"]
+    assert lifecycle.heartbeat(sessions, got.token, LEASE) == 0
+
+
+def test_release_requeues_without_counting_the_attempt(sessions, settings) -> None:
+    _, ids = _submit(sessions, settings)
+    got = _claim(sessions, ids)
+    lifecycle.record_success(sessions, got.token, ids[0], storage_key="images/done.png")
+    assert lifecycle.release(sessions, got.token, note="storage unreachable") == 2
+    rows = _rows(sessions, ids)
+    assert rows[0].status == "succeeded"
+    for row in rows[1:]:
+        assert row.status == "queued"
+        assert row.attempts == 0
+        assert row.claim_token is None and row.lease_expires_at is None
+    again = _claim(sessions, ids, worker="w2")
+    assert [image.id for image in again.images] == ids[1:]
+    assert {row.attempts for row in _rows(sessions, ids[1:])} == {1}
+    # the released claim's token no longer records anything
+    assert lifecycle.record_success(sessions, got.token, ids[1], storage_key="images/old.png") is False
+
+
+def test_release_of_some_images_leaves_the_rest_of_the_claim_rendering(sessions, settings) -> None:
+    _, ids = _submit(sessions, settings, num_images=4)
+    got = _claim(sessions, ids)
+    assert lifecycle.release(sessions, got.token, note="upload failed", image_ids=ids[:2]) == 2
+    assert [row.status for row in _rows(sessions, ids)] == ["queued", "queued", "running", "running"]
+    assert lifecycle.record_success(sessions, got.token, ids[2], storage_key="images/2.png") is True
+    assert lifecycle.heartbeat(sessions, got.token, LEASE) == 1
+
+
+def test_record_failure_marks_failed_with_the_error(sessions, settings) -> None:
+    _, ids = _submit(sessions, settings)
+    got = _claim(sessions, ids)
+    assert lifecycle.record_failure(sessions, got.token, ids[:2], "CUDA out of memory") == 2
+    rows = _rows(sessions, ids)
+    assert [row.status for row in rows] == ["failed", "failed", "running"]
+    assert rows[0].error == "CUDA out of memory"
+
+
+def test_too_many_attempts_gives_up(sessions, settings) -> None:
+    _, ids = _submit(sessions, settings, num_images=2)
+    for attempt in range(1, 4):  # each worker dies holding the images
+        got = _claim(sessions, ids, worker=f"w{attempt}", lease=TINY_LEASE, max_attempts=3)
+        assert len(got.images) == 2 and got.given_up == []
+        time.sleep(TINY_LEASE * 3)
+    last = _claim(sessions, ids, worker="w4", max_attempts=3)
+    assert last.images == []
+    assert sorted(last.given_up) == sorted(ids)
+    for row in _rows(sessions, ids):
+        assert row.status == "failed"
+        assert "3 attempts" in row.error
+        assert row.finished_at is not None
+    assert _claim(sessions, ids, worker="w5", max_attempts=3).images == []
+
+
+def test_take_back_expired_requeues_only_expired_once(sessions, settings) -> None:
+    _, dead_ids = _submit(sessions, settings, num_images=3)
+    _, other_dead = _submit(sessions, settings, num_images=2, model=None, steps=10)
+    _, live_ids = _submit(sessions, settings, num_images=2)
+    _, queued_ids = _submit(sessions, settings, num_images=1)
+
+    dead = _claim(sessions, dead_ids, lease=TINY_LEASE)
+    _claim(sessions, other_dead, lease=TINY_LEASE)
+    live = _claim(sessions, live_ids, lease=LEASE)
+    time.sleep(TINY_LEASE * 3)
+
+    expected: dict[tuple[str, str], list[str]] = {}
+    for row in _rows(sessions, dead_ids + other_dead):
+        expected.setdefault((row.task_id, row.model), []).append(row.id)
+
+    taken = lifecycle.take_back_expired(sessions)
+    assert {key: sorted(ids) for key, ids in taken.items()} == {key: sorted(ids) for key, ids in expected.items()}
+    assert len(taken) == 2  # two tasks: different steps never share one
+
+    for row in _rows(sessions, dead_ids + other_dead):
+        assert row.status == "queued"
+        assert row.claim_token is None
+        assert row.attempts == 1  # the dead worker's attempt counts
+    assert {row.status for row in _rows(sessions, live_ids)} == {"running"}
+    assert {row.claim_token for row in _rows(sessions, live_ids)} == {live.token}
+    assert {row.status for row in _rows(sessions, queued_ids)} == {"queued"}
+
+    assert lifecycle.take_back_expired(sessions) == {}
+    assert lifecycle.heartbeat(sessions, dead.token, LEASE) == 0
+
+    retaken = _claim(sessions, dead_ids, worker="w2")
+    assert [image.id for image in retaken.images] == dead_ids
+    assert {row.attempts for row in _rows(sessions, dead_ids)} == {2}
+
+
+def test_take_back_expired_respects_grace(sessions, settings) -> None:
+    _, ids = _submit(sessions, settings)
+    _claim(sessions, ids, lease=TINY_LEASE)
+    time.sleep(TINY_LEASE * 3)
+    assert lifecycle.take_back_expired(sessions, grace_seconds=60) == {}
+    assert {row.status for row in _rows(sessions, ids)} == {"running"}
+    assert sum(len(v) for v in lifecycle.take_back_expired(sessions).values()) == 3
+
+
+def test_images_that_could_not_be_stored_fail_after_max_attempts_with_the_reason(sessions, settings) -> None:
+    _, ids = _submit(sessions, settings, num_images=1)
+    note = "queued again after StorageError: S3 put failed: AccessDenied"
+    for worker in ("w1", "w2", "w3"):
+        got = _claim(sessions, ids, worker=worker, max_attempts=3)
+        assert [image.id for image in got.images] == ids
+        assert lifecycle.release(sessions, got.token, note=note, image_ids=ids, count_attempt=True) == 1
+    last = _claim(sessions, ids, worker="w4", max_attempts=3)
+    assert last.images == [] and last.given_up == ids
+    [row] = _rows(sessions, ids)
+    assert row.status == "failed" and row.error == f"gave up after 3 attempts; the last one: {note}"
