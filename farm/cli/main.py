@@ -15,9 +15,9 @@ from pathlib import Path
 import click
 
 from farm.cli.campaign import campaign
+from farm.cli.plugins import PluginGroup
 from farm.cli.common import EXIT_FAILED, handles_errors, load_settings, open_farm
 from farm.cli.lora import lora
-from evaluation.cli import evaluate as model_evaluate
 from farm.errors import ValidationError
 
 
@@ -188,13 +188,13 @@ def worker(model, gpus, cpu, name, processes, loglevel):
     """Start one worker process per GPU for one model."""
     import logging
 
-    from farm import supervisor as launcher
+    from farm import supervisor
 
     logging.basicConfig(level=loglevel, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
     settings = load_settings()
     model = model or settings.default_model
-    slots = launcher.plan_slots(gpus, cpu=cpu, name=name, count=processes)
-    sys.exit(launcher.run(settings, model=model, slots=slots, loglevel=loglevel))
+    slots = supervisor.plan_slots(gpus, cpu=cpu, name=name, count=processes)
+    sys.exit(supervisor.run(settings, model=model, slots=slots, loglevel=loglevel))
 
 
 main.add_command(campaign)
@@ -219,24 +219,12 @@ def db_upgrade(revision):
     click.echo(f"database at revision {farm_db.current_revision(engine)}")
 
 
-@main.group()
+@main.group(cls=PluginGroup, plugin_group="model")
 def model() -> None:
     """Models: build the tiny test model; evaluate the shapes model."""
 
 
-@model.command("make-tiny")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--inpainting", is_flag=True, help="A 9-channel inpainting UNet (the sd-v1-5-inpainting layout).")
-@handles_errors
-def make_tiny(directory, seed, inpainting):
-    """Write a tiny random SD-architecture pipeline (diffusers format, safetensors) to DIRECTORY."""
-    from workers.diffusion.tiny import make_tiny as build
 
-    click.echo(str(build(directory, seed=seed, in_channels=9 if inpainting else 4)))
-
-
-model.add_command(model_evaluate)
 
 
 @main.command()
