@@ -11,40 +11,40 @@ Light by design: no torch, no diffusers (the worker side has them).
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from sqlalchemy import select
 
-from farm import db
-
-from farm import lifecycle
-
-from farm.dispatch import submissions
-from farm.dispatch.celery_app import make_celery
+from farm import lifecycle, loras
+from farm.db.tables import FINISHED, ImageRecord, Status, SubmissionRecord
+from farm.dispatch.publish import mark_published, publish, publish_images, publish_queued
 from farm.errors import NotFound, ValidationError
 from farm.progress import wait_until
-from farm.db.tables import FINISHED, ImageRecord, Status, SubmissionRecord
+from farm.request.intake import Intake
+from farm.request.spec import GenerationRequest, ImageSpec
+from farm.results import ImageResult, image_result
+from farm.services import Services
 from farm.settings import Settings
-from farm.imaging.inputs import PreparedImage, prepare_image
-from farm.catalogue import recommended
-from farm.request.spec import GenerationRequest, ImageSpec, PreparedInputs, check_request
-from farm.storage import Storage, open_storage
 
 if TYPE_CHECKING:
-    from farm.campaigns.submit import Campaign
+    from farm.campaigns import Campaign
+    from farm.storage import Storage
+
+__all__ = ["Farm", "ImageResult", "Submission", "SubmissionStatus"]
 
 
 @dataclass(frozen=True)
 class SubmissionStatus:
-    """Counts of a submission's images by status."""
+    """Counts of a submission's images by status, and its denoising steps done of all."""
 
     submission_id: str
     counts: dict[str, int]
+    #: images × steps: finished images count whole, running ones as far as their worker got
+    steps_done: int = 0
+    steps_total: int = 0
 
     @property
     def total(self) -> int:
@@ -68,66 +68,28 @@ class SubmissionStatus:
         return f"{self.submission_id}: {self.finished}/{self.total} finished ({parts})"
 
 
-@dataclass(frozen=True)
-class ImageResult:
-    """One image's record, as the user sees it."""
-
-    id: str
-    position: int
-    status: str
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance_scale: float
-    width: int
-    height: int
-    scheduler: str
-    model: str
-    model_path: str | None
-    storage_key: str | None
-    uri: str | None
-    error: str | None
-    worker: str | None
-    attempts: int
-    queued_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    gpu_seconds: float | None
-    prompt_tokens: int | None
-    prompt_truncated: bool | None
-    #: what the worker recorded: model hash, device, batch size, and each LoRA with how it was
-    #: served ("cache": already loaded, "disk": the worker's disk cache, "download": from storage)
-    info: dict | None = None
-    loras: list | None = None  # [[sha256, weight], …] as requested
-
-    def metadata(self) -> dict[str, Any]:
-        """The image's parameters as one JSON-ready dict (the lines of ``metadata.jsonl``)."""
-        data = asdict(self)
-        for key in ("queued_at", "started_at", "finished_at"):
-            data[key] = data[key].isoformat() if data[key] else None
-        return data
-
-
 class Submission:
     """A handle on a submission: status, wait, results, download, cancel."""
 
-    def __init__(self, farm: "Farm", submission_id: str):
-        self._farm = farm
+    def __init__(self, services: Services, submission_id: str):
+        self._services = services
         self.id = submission_id
 
     def __repr__(self) -> str:
         return f"<Submission {self.id}>"
 
     def status(self) -> SubmissionStatus:
-        with self._farm.sessions() as session:
-            return SubmissionStatus(self.id, submissions.counts(session, self.id))
+        with self._services.sessions() as session:
+            counts = lifecycle.submission_counts(session, self.id)
+            done, total = lifecycle.steps(session, ImageRecord.submission_id == self.id)
+        return SubmissionStatus(self.id, counts, steps_done=done, steps_total=total)
 
     def wait(
         self, timeout: float | None = None, *, progress: bool = False, poll_interval: float = 0.5
     ) -> SubmissionStatus:
         """Block until every image finished (succeeded, failed or canceled); return the final status.
 
+        With ``progress``, a bar advances by denoising steps (images × steps) as the workers render.
         Raises :class:`~farm.errors.WaitTimeout` when ``timeout`` seconds pass first.
         """
         return wait_until(
@@ -141,24 +103,39 @@ class Submission:
         )
 
     def results(self) -> list[ImageResult]:
-        storage = self._farm.storage
-        with self._farm.sessions() as session:
+        """Every image of the submission, in order, with every parameter it was rendered with."""
+        storage = self._services.storage
+        with self._services.sessions() as session:
             rows = session.scalars(
                 select(ImageRecord).where(ImageRecord.submission_id == self.id).order_by(ImageRecord.position)
             ).all()
             if not rows and session.get(SubmissionRecord, self.id) is None:
                 raise NotFound(f"no submission {self.id!r}")
-        return [_result(row, storage) for row in rows]
+        return [image_result(row, storage) for row in rows]
 
-    def download(self, directory: str | Path) -> list[Path]:
-        """Write every succeeded image to ``directory`` with a ``metadata.jsonl``; return the PNG paths."""
+    def download(self, directory: str | Path, *, partial: bool = True) -> list[Path]:
+        """Write every succeeded image to ``directory`` with a ``metadata.jsonl``; return the PNG paths.
+
+        ``partial=False`` refuses (:class:`~farm.errors.Incomplete`, nothing written) while any image
+        has not succeeded.
+        """
+        results = self.results()
+        missing = [r for r in results if r.status != Status.succeeded.value or not r.storage_key]
+        if missing and not partial:
+            from farm.errors import Incomplete
+
+            states = ", ".join(sorted({r.status for r in missing}))
+            raise Incomplete(
+                f"{len(missing)} of {len(results)} image(s) of {self.id} have not succeeded ({states}): "
+                f"`farm wait {self.id}` first, or download what is there with --partial"
+            )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        storage = self._farm.storage
+        storage = self._services.storage
         paths = []
         with open(directory / "metadata.jsonl", "w", encoding="utf-8") as meta:
-            for result in self.results():
-                if result.status != Status.succeeded.value or not result.storage_key:
+            for result in results:
+                if result in missing:
                     continue
                 path = directory / f"{result.position:05d}-{result.seed}.png"
                 path.write_bytes(storage.get(result.storage_key))
@@ -167,24 +144,30 @@ class Submission:
         return paths
 
     def cancel(self) -> int:
-        """Cancel what has not finished: queued images are dropped, running batches stop at their next step."""
-        return submissions.cancel(self._farm.sessions, self.id)
+        """Cancel what has not finished: queued images are dropped, running batches stop at the next step."""
+        self.status()  # NotFound for an unknown id
+        return lifecycle.cancel(self._services.sessions, ImageRecord.submission_id == self.id, reason="canceled by the user")
 
     def requeue(self) -> int:
-        """Publish this submission's queued work again (after a broker outage); duplicates are harmless."""
-        return submissions.requeue(self._farm.sessions, self._farm.celery, self._farm.settings, self.id)
+        """Publish this submission's queued work again; duplicates are harmless. Returns the images."""
+        self.status()
+        services = self._services
+        count = publish_queued(
+            services.sessions, services.celery, services.settings, ImageRecord.submission_id == self.id, origin=self.id
+        )
+        mark_published(services.sessions, SubmissionRecord.id == self.id)
+        return count
 
 
 class Farm:
-    """Entry point of the Python client. Build with settings, or from ``FARM_*`` variables."""
+    """Entry point of the Python client. Build with settings, or from ``FARM_*`` variables.
+
+    Raises :class:`~farm.errors.ConfigError` on bad settings, :class:`~farm.errors.SchemaOutOfDate`
+    when a server database needs ``farm db upgrade``.
+    """
 
     def __init__(self, settings: Settings | None = None):
-        self.settings = settings or Settings()
-        self.engine = db.make_engine(self.settings.database)
-        db.ensure_schema(self.engine, auto_upgrade=self.engine.dialect.name == "sqlite")
-        self.sessions = db.make_sessionmaker(self.engine)
-        self._celery = None
-        self._storage: Storage | None = None
+        self.services = Services.open(settings or Settings())
 
     @classmethod
     def from_env(cls) -> "Farm":
@@ -197,19 +180,38 @@ class Farm:
         self.close()
 
     def close(self) -> None:
-        self.engine.dispose()
+        self.services.close()
+
+    # what the services hold, for callers that need one piece
+    @property
+    def settings(self) -> Settings:
+        return self.services.settings
+
+    @property
+    def sessions(self):
+        return self.services.sessions
+
+    @property
+    def engine(self):
+        return self.services.engine
 
     @property
     def celery(self):
-        if self._celery is None:
-            self._celery = make_celery(self.settings)
-        return self._celery
+        return self.services.celery
 
     @property
-    def storage(self) -> Storage:
-        if self._storage is None:
-            self._storage = open_storage(self.settings)
-        return self._storage
+    def storage(self) -> "Storage":
+        return self.services.storage
+
+    # -- submitting -----------------------------------------------------------------------------
+    def intake(self) -> Intake:
+        """The request path for one submission or campaign (see :mod:`farm.request.intake`)."""
+        services = self.services
+        return Intake(
+            services.settings,
+            resolve_loras=lambda refs, index: loras.resolve(services, refs, index),
+            storage=lambda: services.storage,
+        )
 
     def submit(self, prompt: str | None = None, **fields: Any) -> Submission:
         """Submit one request (``prompt`` plus any field of :class:`~farm.request.spec.GenerationRequest`)."""
@@ -218,142 +220,71 @@ class Farm:
         return self.submit_many([fields])
 
     def submit_many(
-        self, requests: Iterable[GenerationRequest | Mapping[str, Any]], *, label: str | None = None
+        self,
+        requests: Iterable[GenerationRequest | Mapping[str, Any]],
+        *,
+        label: str | None = None,
+        base_dir: str | Path | None = None,
     ) -> Submission:
         """Validate every request, record them all in one transaction, then queue the work.
 
-        Raises :class:`~farm.errors.ValidationError` (nothing written, nothing queued) on bad input.
+        Relative image paths start at ``base_dir`` (default: the working directory). Raises
+        :class:`~farm.errors.ValidationError` (nothing written, nothing queued) on bad input.
         """
+        settings = self.settings
+        intake = self.intake()
         specs: list[ImageSpec] = []
         count = 0
-        prepared: dict[Any, PreparedImage] = {}
         for index, request in enumerate(requests):
-            if index >= self.settings.limits.max_requests_per_submission:
+            if index >= settings.limits.max_requests_per_submission:
                 raise ValidationError(
-                    "requests", f"more than {index}", f"at most {self.settings.limits.max_requests_per_submission} per submission"
+                    "requests", f"more than {index}", f"at most {settings.limits.max_requests_per_submission} per submission"
                 )
-            if isinstance(request, GenerationRequest):
-                request = request.to_dict()
-            request = self._with_model_size(request)
-            inputs = self._prepare_inputs(request, index, prepared)
-            specs.extend(check_request(request, self.settings, index=index, inputs=inputs).images)
+            specs.extend(intake.prepare(request, index=index, base_dir=Path(base_dir) if base_dir else None))
             count += 1
         if not specs:
             raise ValidationError("requests", [], "at least one request is needed")
-        # every request is valid: now upload the input images, once each (content-addressed)
-        for image in {p.key: p for p in prepared.values()}.values():
-            if not self.storage.exists(image.key):
-                self.storage.put(image.key, image.data, content_type="image/png")
-        submission_id, batches = submissions.record_submission(
-            self.sessions, specs, num_requests=count, settings=self.settings, label=label
+        intake.upload_inputs()  # every request is valid: now store the input images, once each
+        submission_id, batches = lifecycle.record(
+            self.sessions, specs, num_requests=count, settings=settings, label=label
         )
-        submissions.publish(
-            self.celery, batches, self.settings, submission_id=submission_id, sessions=self.sessions,
-            whole_submission=submission_id,
-        )
-        return Submission(self, submission_id)
+        publish(self.celery, batches, settings, origin=submission_id)
+        mark_published(self.sessions, SubmissionRecord.id == submission_id)
+        return Submission(self.services, submission_id)
 
     def campaign(self, name: str) -> "Campaign":
         """A handle on the campaign called ``name`` (its first ``submit`` creates it)."""
-        from farm.campaigns.submit import Campaign
+        from farm.campaigns import Campaign
 
-        return Campaign(self, name)
+        return Campaign(self.services, name, intake=self.intake)
 
-    def _with_model_size(self, request: Any) -> Any:
-        """A text-to-image request without a size gets its model's recommended one (farm.json), not 512²."""
-        if not isinstance(request, Mapping) or request.get("init_image") is not None:
-            return request
-        if request.get("width") is not None and request.get("height") is not None:
-            return request
-        model = request.get("model") or self.settings.default_model
-        if not isinstance(model, str) or model not in self.settings.models:
-            return request  # check_request says what is wrong
-        size = {k: v for k, v in recommended(self.settings, model).items() if k in ("width", "height")}
-        return {**request, **{k: v for k, v in size.items() if request.get(k) is None}}
-
-    def _prepare_inputs(self, request: Mapping[str, Any], index: int, cache: dict) -> PreparedInputs | None:
-        """Read and check the request's init image and mask (no upload yet)."""
-        if not isinstance(request, Mapping) or all(request.get(k) is None for k in ("init_image", "mask", "loras")):
-            return None
-        found = {}
-        for field, mode in (("init_image", "RGB"), ("mask", "L")):
-            source = request.get(field)
-            if source is None:
-                continue
-            ident = (mode, hashlib.sha256(source).hexdigest() if isinstance(source, (bytes, bytearray)) else str(source))
-            if ident not in cache:
-                cache[ident] = prepare_image(source, field=field, limits=self.settings.limits, mode=mode, index=index)
-            found[field] = cache[ident]
-        from farm import loras
-
-        resolved = loras.resolve(self, request.get("loras"), index=index) if request.get("loras") else ()
-        return PreparedInputs(init=found.get("init_image"), mask=found.get("mask"), loras=resolved)
-
+    # -- the LoRA registry ----------------------------------------------------------------------
     def add_lora(self, source: str | Path | bytes, name: str):
         """Register a LoRA (safetensors, diffusers or kohya layout) under ``name``; see ``farm.loras``."""
-        from farm import loras
-
-        return loras.add(self, source, name)
+        return loras.add(self.services, source, name)
 
     def list_loras(self):
-        from farm import loras
-
-        return loras.listing(self)
+        return loras.listing(self.services)
 
     def remove_lora(self, name: str) -> None:
-        from farm import loras
+        loras.remove(self.services, name)
 
-        loras.remove(self, name)
-
+    # -- following work -------------------------------------------------------------------------
     def submission(self, submission_id: str) -> Submission:
         with self.sessions() as session:
             if session.get(SubmissionRecord, submission_id) is None:
                 raise NotFound(f"no submission {submission_id!r}: check the id, or FARM_DATABASE_URL")
-        return Submission(self, submission_id)
+        return Submission(self.services, submission_id)
 
     def latest(self, limit: int = 10) -> list[Submission]:
         with self.sessions() as session:
             ids = session.scalars(
                 select(SubmissionRecord.id).order_by(SubmissionRecord.created_at.desc()).limit(limit)
             ).all()
-        return [Submission(self, submission_id) for submission_id in ids]
+        return [Submission(self.services, submission_id) for submission_id in ids]
 
     def recover_expired(self) -> int:
-        """Queue again the images of workers that died holding them; returns the tasks published."""
-        grouped = lifecycle.take_back_expired(self.sessions)
-        if not grouped:
-            return 0
-        return submissions.publish(
-            self.celery, submissions.regrouped(grouped), self.settings, submission_id="(recovered)", sessions=self.sessions
-        )
-
-
-def _result(row: ImageRecord, storage: Storage) -> ImageResult:
-    return ImageResult(
-        id=row.id,
-        position=row.position,
-        status=row.status,
-        prompt=row.prompt,
-        negative_prompt=row.negative_prompt,
-        seed=row.seed,
-        steps=row.steps,
-        guidance_scale=row.guidance_scale,
-        width=row.width,
-        height=row.height,
-        scheduler=row.scheduler,
-        model=row.model,
-        model_path=row.model_path,
-        storage_key=row.storage_key,
-        uri=storage.uri(row.storage_key) if row.storage_key else None,
-        error=row.error,
-        worker=row.worker,
-        attempts=row.attempts,
-        queued_at=row.queued_at,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        gpu_seconds=row.gpu_seconds,
-        prompt_tokens=row.prompt_tokens,
-        prompt_truncated=row.prompt_truncated,
-        info=row.info,
-        loras=row.params.get("loras") or [],
-    )
+        """Queue again the images of workers that died holding them; returns how many images."""
+        taken = lifecycle.take_back_expired(self.sessions)
+        publish_images(self.sessions, self.celery, self.settings, taken, origin="(recovered)")
+        return len(taken)

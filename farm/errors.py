@@ -1,10 +1,14 @@
-"""One error tree. Every error the farm raises on purpose is a :class:`FarmError`."""
+"""One error tree. Every error the farm raises on purpose is a :class:`FarmError`.
+
+The CLI turns them into one ``error: …`` line in one place (``farm.cli.main``) with exit code 2
+(bad usage, input or configuration), 1 meaning only "the work ran and (some of it) failed".
+"""
 
 from __future__ import annotations
 
 
 class FarmError(Exception):
-    """Base class of every error the farm raises on purpose."""
+    """Raised by the farm on purpose; the base of every other error here."""
 
 
 class ConfigError(FarmError):
@@ -44,12 +48,35 @@ class StorageError(FarmError):
     """Raised when an object cannot be written to or read from storage."""
 
 
+class MissingObject(StorageError):
+    """Raised when a storage key holds no object (a deleted input, a wrong key)."""
+
+
+class PublishError(FarmError):
+    """Raised when work was recorded but could not (all) be handed to the broker.
+
+    Nothing is lost: the images stay queued in the database and are published again.
+    """
+
+
+class InputError(FarmError):
+    """Raised when a stored input image (init image, mask) is corrupt, altered or does not decode."""
+
+
+class LoraError(FarmError):
+    """Raised when a LoRA file cannot be fetched, cached or loaded by a worker (its job fails, the worker goes on)."""
+
+
 class ModelLoadError(FarmError):
     """Raised when a worker cannot load a model (missing files, pickle-only weights, wrong layout)."""
 
 
 class RenderError(FarmError):
     """Raised when a batch cannot be rendered with the loaded pipeline (e.g. an inpainting UNet in txt2img)."""
+
+
+class Incomplete(FarmError):
+    """Raised when a download is asked for all of a submission's images and some have not succeeded."""
 
 
 class WaitTimeout(FarmError):

@@ -1,6 +1,14 @@
-"""Claims: how a worker takes images before rendering and records each result exactly once.
+"""An image's life, in one place: every status transition is here, each a guarded update.
 
-A delivery claims the images of its task that are queued (or whose last claim's lease expired: that
+    (created) ──record──▶ queued ◀──release / take_back_expired / resume / retry_failed──┐
+                          │  ▲                                                           │
+                 claim ───┘  └── pause ── paused                                         │
+                  ▼                                                                      │
+               running ──record_success──▶ succeeded                                     │
+                  │ └─────record_failure──▶ failed ──────────────────────────────────────┘
+                  └──────────cancel───────▶ canceled  (also from queued and paused)
+
+Claims: a delivery claims the images of its task that are queued (or whose last claim's lease expired: that
 worker died) under a fresh token, renews the lease while it renders, and records a result only where
 the row still carries its token. So a task delivered twice, or a dead worker's task redelivered to
 another, renders and records each image once; canceled images are never overwritten.
@@ -9,15 +17,24 @@ another, renders and records each image once; canceled images are never overwrit
 from __future__ import annotations
 
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
-from sqlalchemy import and_, or_, select, update
+import json
+from itertools import islice
+from typing import TYPE_CHECKING
+
+from sqlalchemy import and_, case, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from farm.db.tables import ImageRecord, Status, utcnow
+from farm.db.tables import FINISHED, ImageRecord, Status, SubmissionRecord, utcnow
+from farm.errors import NotFound
+from farm.request.spec import ImageSpec
+from farm.settings import Settings
+
+if TYPE_CHECKING:
+    from farm.dispatch.publish import Batch
 
 RUNNING = Status.running.value
 QUEUED = Status.queued.value
@@ -162,21 +179,21 @@ def release(
         ).rowcount
 
 
-def take_back_expired(sessions: sessionmaker[Session], *, grace_seconds: float = 0.0) -> dict[tuple[str, str], list[str]]:
+def take_back_expired(sessions: sessionmaker[Session], *, grace_seconds: float = 0.0) -> list[str]:
     """Queue again the images whose worker stopped renewing its lease (it died with its message).
 
-    Returns ``{(task_id, model): [image ids]}`` for the caller to publish again.
+    Returns their ids, for the caller to publish again (``farm.dispatch.publish.publish_images``).
     """
     cutoff = utcnow() - timedelta(seconds=grace_seconds)
-    grouped: dict[tuple[str, str], list[str]] = defaultdict(list)
+    taken: list[str] = []
     with sessions.begin() as session:
         stale = session.execute(
-            select(ImageRecord.id, ImageRecord.claim_token, ImageRecord.task_id, ImageRecord.model).where(
+            select(ImageRecord.id, ImageRecord.claim_token).where(
                 ImageRecord.status == RUNNING, ImageRecord.lease_expires_at < cutoff
             )
         ).all()
-        for image_id, token, task_id, model in stale:
-            taken = session.execute(
+        for image_id, token in stale:
+            if session.execute(
                 update(ImageRecord)
                 .where(
                     ImageRecord.id == image_id,
@@ -185,7 +202,169 @@ def take_back_expired(sessions: sessionmaker[Session], *, grace_seconds: float =
                     ImageRecord.lease_expires_at < cutoff,
                 )
                 .values(status=QUEUED, claim_token=None, lease_expires_at=None)
-            ).rowcount
-            if taken:
-                grouped[(task_id, model)].append(image_id)
-    return dict(grouped)
+            ).rowcount:
+                taken.append(image_id)
+    return taken
+
+
+# -- creating images ------------------------------------------------------------------------------
+
+def record(
+    sessions: sessionmaker[Session],
+    specs: Sequence[ImageSpec],
+    *,
+    num_requests: int,
+    settings: Settings,
+    label: str | None = None,
+    campaign_id: str | None = None,
+    item_keys: Sequence[str] | None = None,
+    status: Status = Status.queued,
+) -> tuple[str, list[Batch]]:
+    """Create images: the submission and one row per image (``status`` queued, or paused with its
+    campaign), in one transaction; returns the submission id and the planned task batches."""
+    submission_id = str(uuid.uuid4())
+    pairs = [(str(uuid.uuid4()), spec) for spec in specs]
+    from farm.dispatch.publish import plan_batches
+
+    batches = plan_batches(pairs, settings.max_batch_size)
+    task_of = {image_id: batch.task_id for batch in batches for image_id in batch.image_ids}
+    now = utcnow()
+    rows = [
+        {
+            "id": image_id,
+            "submission_id": submission_id,
+            "position": position,
+            "request_index": spec.request_index,
+            "model": spec.model,
+            "prompt": spec.prompt,
+            "negative_prompt": spec.negative_prompt,
+            "seed": spec.seed,
+            "steps": spec.steps,
+            "guidance_scale": spec.guidance_scale,
+            "width": spec.width,
+            "height": spec.height,
+            "scheduler": spec.scheduler,
+            "params": spec.recorded(),
+            "status": status.value,
+            "attempts": 0,
+            "task_id": task_of[image_id],
+            "queued_at": now,
+            "campaign_id": campaign_id,
+            "item_key": item_keys[position] if item_keys is not None else None,
+        }
+        for position, (image_id, spec) in enumerate(pairs)
+    ]
+    with sessions.begin() as session:
+        session.add(
+            SubmissionRecord(
+                id=submission_id,
+                created_at=now,
+                num_images=len(rows),
+                num_requests=num_requests,
+                label=label,
+                campaign_id=campaign_id,
+            )
+        )
+        session.flush()
+        if session.bind.dialect.name == "postgresql":
+            _copy_rows(session, rows)
+        else:
+            for chunk in _chunks(rows, 5000):
+                session.execute(insert(ImageRecord), chunk)
+    return submission_id, batches
+
+
+def _copy_rows(session: Session, rows: list[dict]) -> None:
+    """PostgreSQL's COPY, ~5× faster than a multi-row INSERT for a 100k-image campaign."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    cursor = session.connection().connection.dbapi_connection.cursor()
+    with cursor.copy(f"COPY images ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row([json.dumps(row[c]) if c == "params" else row[c] for c in columns])
+
+
+def _chunks(rows: list, size: int):
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+# -- the user's transitions -----------------------------------------------------------------------
+
+def cancel(sessions: sessionmaker[Session], *where: Any, reason: str) -> int:
+    """Cancel every unfinished image matching ``where``: queued and paused ones are dropped, running
+    batches stop at their next step (their heartbeat finds the claim gone). Returns the count."""
+    with sessions.begin() as session:
+        return session.execute(
+            update(ImageRecord)
+            .where(*where, ImageRecord.status.not_in([s.value for s in FINISHED]))
+            .values(status=Status.canceled.value, finished_at=utcnow(), lease_expires_at=None, error=reason)
+        ).rowcount
+
+
+def pause(sessions: sessionmaker[Session], *where: Any) -> int:
+    """Hold back the queued images matching ``where`` (running ones finish); returns how many."""
+    return _move(sessions, where, Status.queued, Status.paused)
+
+
+def resume(sessions: sessionmaker[Session], *where: Any) -> int:
+    """Queue the held (paused) images matching ``where`` again; returns how many."""
+    return _move(sessions, where, Status.paused, Status.queued)
+
+
+def retry_failed(sessions: sessionmaker[Session], *where: Any) -> int:
+    """Queue the failed images matching ``where`` again with fresh attempts; returns how many."""
+    return _move(sessions, where, Status.failed, Status.queued, attempts=0, error=None, finished_at=None)
+
+
+def _move(sessions: sessionmaker[Session], where: Iterable[Any], old: Status, new: Status, **values: Any) -> int:
+    with sessions.begin() as session:
+        return session.execute(
+            update(ImageRecord).where(*where, ImageRecord.status == old.value).values(status=new.value, **values)
+        ).rowcount
+
+
+def counts(session: Session, *where: Any) -> dict[str, int]:
+    """Images matching ``where`` by status (every status present, zeros included)."""
+    found = dict(
+        session.execute(select(ImageRecord.status, func.count()).where(*where).group_by(ImageRecord.status)).all()
+    )
+    return {status.value: int(found.get(status.value, 0)) for status in Status}
+
+
+def submission_counts(session: Session, submission_id: str) -> dict[str, int]:
+    """A submission's images by status; :class:`~farm.errors.NotFound` if there is no such submission."""
+    if session.get(SubmissionRecord, submission_id) is None:
+        raise NotFound(f"no submission {submission_id!r}: check the id, or FARM_DATABASE_URL")
+    return counts(session, ImageRecord.submission_id == submission_id)
+
+
+def steps(session: Session, *where: Any) -> tuple[int, int]:
+    """``(done, total)`` denoising steps of the images matching ``where``: a finished image counts
+    all its steps, a running one as far as its worker reported (:func:`report_progress`)."""
+    finished = [s.value for s in FINISHED]
+    done, total = session.execute(
+        select(
+            func.sum(
+                case(
+                    (ImageRecord.status.in_(finished), ImageRecord.steps),
+                    (ImageRecord.status == RUNNING, func.coalesce(ImageRecord.steps_done, 0)),
+                    else_=0,
+                )
+            ),
+            func.sum(ImageRecord.steps),
+        ).where(*where)
+    ).one()
+    return int(done or 0), int(total or 0)
+
+
+def report_progress(sessions: sessionmaker[Session], token: str, image_ids: Sequence[str], done: int, total: int) -> int:
+    """Record that a claim's rendering images are ``done`` of ``total`` denoising steps along
+    (scaled to each image's own steps); returns how many images the claim still holds."""
+    with sessions.begin() as session:
+        return session.execute(
+            update(ImageRecord)
+            .where(ImageRecord.claim_token == token, ImageRecord.status == RUNNING, ImageRecord.id.in_(list(image_ids)))
+            .values(steps_done=ImageRecord.steps * int(done) / max(1, int(total)))
+        ).rowcount

@@ -25,7 +25,7 @@ from farm.storage.keys import content_key
 from farm.db.tables import LoraRecord, utcnow
 
 if TYPE_CHECKING:
-    from farm.client import Farm
+    from farm.services import Services
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 SD1_TABLE = Path(__file__).parent / "data" / "sd1_modules.json"
@@ -81,15 +81,15 @@ def _header(data: bytes, label: str) -> dict[str, Any]:
     return header
 
 
-def _tables(farm: "Farm") -> dict[str, dict[str, list[int]]]:
+def _tables(services: "Services") -> dict[str, dict[str, list[int]]]:
     """Module shapes of the architectures a LoRA may fit: SD1.x, and each readable configured model."""
     tables = {"sd1": {k.replace(".", "_"): v for k, v in json.loads(SD1_TABLE.read_text()).items()}}
-    settings = farm.settings
-    for name, location in settings.models.items():
-        folder = settings.models_dir / location.split(":", 1)[1] if location.startswith("builtin:") else Path(location)
+    catalogue = services.catalogue
+    for name in catalogue.names:
+        folder = catalogue.folder(name)  # None: not readable here (a hub id, a tiny model not built yet)
         table: dict[str, list[int]] = {}
         for component in ("unet", "text_encoder"):
-            for weights in sorted((folder / component).glob("*.safetensors")) if folder.is_dir() else []:
+            for weights in sorted((folder / component).glob("*.safetensors")) if folder is not None else []:
                 with open(weights, "rb") as handle:
                     (length,) = struct.unpack("<Q", handle.read(8))
                     header = json.loads(handle.read(length))
@@ -102,9 +102,9 @@ def _tables(farm: "Farm") -> dict[str, dict[str, list[int]]]:
     return tables
 
 
-def inspect(farm: "Farm", source: str | Path | bytes) -> LoraInfo:
+def inspect(services: "Services", source: str | Path | bytes) -> LoraInfo:
     """Check a LoRA file; raise :class:`~farm.errors.ValidationError` saying what is wrong."""
-    limits = farm.settings.limits
+    limits = services.settings.limits
     label = str(source) if isinstance(source, (str, Path)) else f"<{len(source)} bytes>"
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -144,13 +144,13 @@ def inspect(farm: "Farm", source: str | Path | bytes) -> LoraInfo:
         raise ValidationError("lora", label, "mixes the kohya and diffusers key layouts")
 
     fits = []
-    for base, table in _tables(farm).items():
+    for base, table in _tables(services).items():
         if all(_fits(parts, table.get(module)) for module, parts in modules.items()):
             fits.append(base)
     if not fits:
         sample = sorted(modules)[0]
         raise ValidationError(
-            "lora", label, f"has layers that match no layer of a known base model (sd1, {', '.join(sorted(farm.settings.models))}): "
+            "lora", label, f"has layers that match no layer of a known base model (sd1, {', '.join(sorted(services.settings.models))}): "
             f"e.g. {sample!r} is missing or has another shape"
         )
     return LoraInfo(
@@ -168,48 +168,48 @@ def _fits(parts: Mapping[str, list[int]], shape: list[int] | None) -> bool:
     return down[1] == shape[1] and up[0] == shape[0]
 
 
-def add(farm: "Farm", source: str | Path | bytes, name: str) -> LoraRecord:
+def add(services: "Services", source: str | Path | bytes, name: str) -> LoraRecord:
     """Check, upload (once, by content) and register a LoRA under ``name``."""
     if not isinstance(name, str) or not NAME.match(name):
         raise ValidationError("name", name, "must be 1–128 letters, digits, '.', '_' or '-', starting with a letter or digit")
-    info = inspect(farm, source)
-    with farm.sessions() as session:
+    info = inspect(services, source)
+    with services.sessions() as session:
         if session.scalar(select(LoraRecord).where(LoraRecord.name == name)) is not None:
             raise ValidationError("name", name, "is taken: `farm lora rm` it first, or pick another name")
     data = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
-    if not farm.storage.exists(info.key):
-        farm.storage.put(info.key, data, content_type="application/octet-stream")
+    if not services.storage.exists(info.key):
+        services.storage.put(info.key, data, content_type="application/octet-stream")
     record = LoraRecord(
         id=str(uuid.uuid4()), name=name, sha256=info.sha256, size=info.size, format=info.format, base=info.base,
         layers=info.layers, storage_key=info.key, created_at=utcnow(),
     )
-    with farm.sessions.begin() as session:
+    with services.sessions.begin() as session:
         session.add(record)
     return record
 
 
-def listing(farm: "Farm") -> list[LoraRecord]:
-    with farm.sessions() as session:
+def listing(services: "Services") -> list[LoraRecord]:
+    with services.sessions() as session:
         return list(session.scalars(select(LoraRecord).order_by(LoraRecord.name)))
 
 
-def remove(farm: "Farm", name: str) -> None:
+def remove(services: "Services", name: str) -> None:
     """Forget a name (the stored file stays: other names or past images may refer to it)."""
-    with farm.sessions.begin() as session:
+    with services.sessions.begin() as session:
         record = session.scalar(select(LoraRecord).where(LoraRecord.name == name))
         if record is None:
             raise NotFound(f"no LoRA named {name!r}: `farm lora list` shows them")
         session.delete(record)
 
 
-def resolve(farm: "Farm", refs: Iterable[Any], *, index: int | None = None) -> tuple[tuple[str, float], ...]:
+def resolve(services: "Services", refs: Any, index: int | None = None) -> tuple[tuple[str, float], ...]:
     """``[{"name"|"sha256": …, "weight": w}, …]`` → ``((sha256, weight), …)``, refusing unknown ones."""
     if refs is None:
         return ()
     if not isinstance(refs, (list, tuple)):
         raise ValidationError("loras", refs, 'must be a list like [{"name": "ink", "weight": 0.8}]', index=index)
     resolved = []
-    with farm.sessions() as session:
+    with services.sessions() as session:
         for n, ref in enumerate(refs):
             where = f"loras[{n}]"
             if isinstance(ref, str):

@@ -20,7 +20,9 @@ def wait_until(
     desc: str,
     timed_out: Callable[[S], str],
 ) -> S:
-    """Poll ``read()`` until ``done(status)``; the status needs ``total``, ``finished`` and ``counts``.
+    """Poll ``read()`` until ``done(status)``; the status needs ``total``, ``finished``, ``counts``,
+    ``steps_done`` and ``steps_total``: the bar advances by denoising steps (images × steps), so it
+    moves while a batch renders, not only when its images finish.
 
     Raises :class:`~farm.errors.WaitTimeout` with ``timed_out(status)`` when ``timeout`` passes first.
     """
@@ -33,9 +35,12 @@ def wait_until(
                 if bar is None:
                     from tqdm import tqdm
 
-                    bar = tqdm(total=status.total, desc=desc, unit="img")
-                bar.n = status.finished
-                bar.set_postfix({k: v for k, v in status.counts.items() if v and k != "succeeded"}, refresh=False)
+                    bar = tqdm(total=status.steps_total, desc=desc, unit="step")
+                bar.total = status.steps_total
+                bar.n = status.steps_done
+                shown = {"images": f"{status.finished}/{status.total}"}
+                shown.update({k: v for k, v in status.counts.items() if v and k not in ("succeeded", "queued", "running")})
+                bar.set_postfix(shown, refresh=False)
                 bar.refresh()
             if done(status):
                 return status

@@ -15,8 +15,11 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
+import pydantic
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from farm.errors import ConfigError
 
 #: A tiny random SD-architecture pipeline, built on first use into ``<data_dir>/models/tiny``.
 BUILTIN_TINY = "builtin:tiny"
@@ -52,6 +55,17 @@ def parse_batch_sizes(text: str) -> dict[tuple[int, int], int]:
         [(width, height)] = parse_sizes(size) or [(0, 0)]
         batches[(width, height)] = int(batch)
     return batches
+
+
+def _describe(exc: pydantic.ValidationError) -> str:
+    """``bad setting FARM_X: what is wrong`` for the first error (the value shown unless it may hold a secret)."""
+    first = exc.errors()[0]
+    variable = "FARM_" + "__".join(str(p) for p in first["loc"]).upper()
+    message = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    secret = any(word in variable for word in ("URL", "KEY", "SECRET", "PASSWORD", "TOKEN"))
+    shown = "" if secret or isinstance(value, dict) or value is None else f" (given {value!r})"
+    return f"bad setting {variable}: {message}{shown}"
 
 
 def _default_data_dir() -> Path:
@@ -108,8 +122,12 @@ class Settings(BaseSettings):
     default_model: str | None = None
     #: Images that share model, size, steps, scheduler and guidance go to a GPU in batches of at most this.
     max_batch_size: int = Field(default=8, ge=1, le=256)
-    #: Default scheduler when a request names none.
+    #: Render defaults of a request that gives none and whose model's ``farm.json`` gives none
+    #: (a request's value wins, then the model's farm.json, then these; see ``farm.catalogue``).
     default_scheduler: str = "dpmpp_2m"
+    default_steps: int = Field(default=25, ge=1)
+    default_guidance_scale: float = Field(default=7.5, ge=0)
+    default_size: int = Field(default=512, ge=8, multiple_of=8)
     #: Campaign images written and published per transaction.
     campaign_chunk_size: int = Field(default=5000, ge=1)
     #: Celery priority of campaign tasks unless a campaign sets its own (0 first … 9 last; plain
@@ -183,6 +201,14 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(default=5, ge=1)
 
     limits: Limits = Field(default_factory=Limits)
+
+    def __init__(self, **values: object):
+        # One translation for every entrypoint: a bad FARM_* value is a ConfigError naming the
+        # variable (never the value of a URL, which may hold a password).
+        try:
+            super().__init__(**values)
+        except pydantic.ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
 
     @field_validator("models", mode="before")
     @classmethod

@@ -13,12 +13,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from farm.errors import FarmError
+from farm.errors import InputError, FarmError
 from farm.storage import Storage, atomic_write
 
-
-class InputError(FarmError):
-    """Raised when a stored input image is missing, does not match its hash, or does not decode."""
 
 
 class InputCache:

@@ -20,6 +20,7 @@ from celery import Celery, Task
 from sqlalchemy.exc import OperationalError
 
 from farm import lifecycle
+from farm.dispatch.publish import publish_images
 from farm.dispatch.celery_app import RENDER_TASK
 from farm.errors import ModelLoadError, RenderError, StorageError
 from farm.storage.keys import image_key
@@ -36,6 +37,8 @@ log = logging.getLogger("farm.worker")
 MAX_ATTEMPTS = 3
 #: Seconds between progress events a task sends (Flower shows the PROGRESS state).
 PROGRESS_EVERY = 0.25
+#: Seconds between the denoising-step progress a task records for ``farm wait`` (one UPDATE per chunk).
+PROGRESS_REPORT_EVERY = 1.0
 
 
 def register(app: Celery, context: WorkerContext) -> Task:
@@ -64,11 +67,9 @@ def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str)
     if claim.held_elsewhere:
         # Another delivery of this task is rendering them (or died doing so): look again when its
         # lease ends. A finished image is then simply skipped.
-        task.apply_async(
-            kwargs={"image_ids": claim.held_elsewhere, "model": model},
+        publish_images(
+            ctx.sessions, task.app, settings, claim.held_elsewhere, origin=f"task {task.request.id}",
             countdown=claim.wait_seconds + 1,
-            queue=settings.queue_for(model),
-            task_id=task.request.id,
         )
     if not claim.images:
         return {"rendered": 0, "held_elsewhere": len(claim.held_elsewhere)}
@@ -109,7 +110,7 @@ def _render_and_hand_off(task: Task, ctx: WorkerContext, claim: lifecycle.Claim,
         size = plan.size_for(width, height, len(todo))
         chunk = todo[:size]
         try:
-            batch = _render(task, ctx, claim, [specs[n] for n in chunk], [conditions[n] for n in chunk])
+            batch = _render(task, ctx, claim, [images[n].id for n in chunk], [specs[n] for n in chunk], [conditions[n] for n in chunk])
         except (RenderError, ModelLoadError, ValueError, RuntimeError) as exc:
             if size > 1 and is_out_of_memory(exc):  # fewer at once, and remember it for this size
                 free_memory(ctx.device)
@@ -149,15 +150,12 @@ REQUEUE_DELAY = 30
 def _give_back(task: Task, ctx: WorkerContext, token: str, model: str):
     """What the finisher calls for rendered images it could not store or record: queue them again
     (counted as an attempt: after ``MAX_ATTEMPTS`` they fail, with the storage error as the reason)."""
-    task_id = task.request.id
-    queue = ctx.settings.queue_for(model)
+    app, origin = task.app, f"task {task.request.id}"
 
     def give_back(image_ids: list[str], error: BaseException) -> None:
         note = f"queued again after {type(error).__name__}: {error}"
         if lifecycle.release(ctx.sessions, token, note=note, image_ids=image_ids, count_attempt=True):
-            task.apply_async(
-                kwargs={"image_ids": image_ids, "model": model}, countdown=REQUEUE_DELAY, queue=queue, task_id=task_id
-            )
+            publish_images(ctx.sessions, app, ctx.settings, image_ids, origin=origin, countdown=REQUEUE_DELAY)
             log.warning("%d image(s) queued again: %s", len(image_ids), note)
 
     return give_back
@@ -201,15 +199,15 @@ def _fetch_inputs(ctx: WorkerContext, claim: lifecycle.Claim, specs: list[ImageS
     return images, kept, conditions
 
 
-def _render(task: Task, ctx: WorkerContext, claim: lifecycle.Claim, specs: list[ImageSpec], conditions):
+def _render(task: Task, ctx: WorkerContext, claim: lifecycle.Claim, image_ids: list[str], specs: list[ImageSpec], conditions):
     from workers.diffusion.render import render_batch
 
     settings = ctx.settings
-    last_beat = last_event = time.monotonic()
+    last_beat = last_event = last_report = time.monotonic()
     send_events = bool(task.app.conf.worker_send_task_events)
 
     def on_step(done: int, total: int) -> bool:
-        nonlocal last_beat, last_event
+        nonlocal last_beat, last_event, last_report
         now = time.monotonic()
         if send_events and (now - last_event >= PROGRESS_EVERY or done == total):
             last_event = now
@@ -217,6 +215,9 @@ def _render(task: Task, ctx: WorkerContext, claim: lifecycle.Claim, specs: list[
         if now - last_beat >= settings.claim_lease_seconds / 4:
             last_beat = now
             return lifecycle.heartbeat(ctx.sessions, claim.token, settings.claim_lease_seconds) > 0
+        if now - last_report >= PROGRESS_REPORT_EVERY and done < total:  # `farm wait` advances by steps
+            last_report = now
+            return lifecycle.report_progress(ctx.sessions, claim.token, image_ids, done, total) > 0
         return True
 
     return render_batch(

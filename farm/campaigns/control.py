@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING, Iterator
 
 from sqlalchemy import func, select, update
 
-from farm.dispatch import submissions
+from farm import lifecycle
+from farm.dispatch.publish import publish_queued
 from farm.errors import NotFound, ValidationError
 from farm.progress import wait_until
+from farm.results import ImageResult, image_result
 from farm.db.tables import CampaignRecord, CampaignState, ImageRecord, Status, utcnow
 
 if TYPE_CHECKING:
-    from farm.client import Farm
+    from farm.services import Services
 
 
 @dataclass
@@ -34,6 +36,9 @@ class CampaignStatus:
     images_per_s: float | None
     eta_seconds: float | None
     failures: dict[str, int] = field(default_factory=dict)
+    #: images × steps: finished images count whole, running ones as far as their worker got
+    steps_done: int = 0
+    steps_total: int = 0
 
     @property
     def total(self) -> int:
@@ -59,15 +64,15 @@ class CampaignControl:
     returns one.
     """
 
-    def __init__(self, farm: "Farm", name: str):
+    def __init__(self, services: "Services", name: str):
         if not name or len(name) > 255:
             raise ValidationError("name", name, "must be 1 to 255 characters")
-        self._farm = farm
+        self._services = services
         self.name = name
 
-    # -- helpers (submit uses _set_status and _republish too) --------------------------------------
+    # -- helpers --------------------------------------
     def _record(self) -> CampaignRecord:
-        with self._farm.sessions() as session:
+        with self._services.sessions() as session:
             record = session.scalar(select(CampaignRecord).where(CampaignRecord.name == self.name))
             if record is None:
                 raise NotFound(f"no campaign {self.name!r}: `farm campaign submit FILE --name {self.name}` creates it")
@@ -75,43 +80,23 @@ class CampaignControl:
             return record
 
     def _set_state(self, record: CampaignRecord, state: CampaignState) -> None:
-        with self._farm.sessions.begin() as session:
+        with self._services.sessions.begin() as session:
             session.execute(update(CampaignRecord).where(CampaignRecord.id == record.id).values(state=state.value))
 
-    def _set_status(self, campaign_id: str, new: Status, *old: Status, submission_id: str | None = None, **values) -> int:
-        with self._farm.sessions.begin() as session:
-            query = update(ImageRecord).where(
-                ImageRecord.campaign_id == campaign_id, ImageRecord.status.in_([s.value for s in old])
-            )
-            if submission_id is not None:
-                query = query.where(ImageRecord.submission_id == submission_id)
-            return session.execute(query.values(status=new.value, **values)).rowcount
-
-    def _republish(self, record: CampaignRecord, condition) -> int:
-        """Publish the campaign's queued images that match ``condition`` again; returns how many."""
-        farm = self._farm
-        with farm.sessions() as session:
-            rows = session.execute(
-                select(ImageRecord.task_id, ImageRecord.model, ImageRecord.id).where(
-                    ImageRecord.campaign_id == record.id, ImageRecord.status == Status.queued.value, condition
-                )
-            ).all()
-        grouped: dict[tuple[str, str], list[str]] = {}
-        for task_id, model, image_id in rows:
-            grouped.setdefault((task_id, model), []).append(image_id)
-        if grouped:
-            submissions.publish(
-                farm.celery, submissions.regrouped(grouped), farm.settings, submission_id=f"campaign:{self.name}",
-                sessions=farm.sessions, priority=record.priority,
-            )
-        return len(rows)
+    def _publish_queued(self, record: CampaignRecord, *conditions) -> int:
+        """Publish the campaign's queued images (matching ``conditions``) again, at its priority."""
+        services = self._services
+        return publish_queued(
+            services.sessions, services.celery, services.settings, ImageRecord.campaign_id == record.id, *conditions,
+            origin=f"campaign:{self.name}",
+        )
 
     # -- control and status ---------------------------------------------------------------------
     def pause(self) -> int:
         """Hold back every queued image (running batches finish); returns how many were held."""
         record = self._record()
         self._set_state(record, CampaignState.paused)
-        return self._set_status(record.id, Status.paused, Status.queued)
+        return lifecycle.pause(self._services.sessions, ImageRecord.campaign_id == record.id)
 
     def resume(self) -> int:
         """Queue the held images again; returns how many."""
@@ -119,30 +104,26 @@ class CampaignControl:
         if record.state == CampaignState.canceled.value:
             raise ValidationError("campaign", self.name, "was canceled and cannot be resumed")
         self._set_state(record, CampaignState.active)
-        self._set_status(record.id, Status.queued, Status.paused)
-        record.state = CampaignState.active.value
-        return self._republish(record, ImageRecord.id.is_not(None))
+        lifecycle.resume(self._services.sessions, ImageRecord.campaign_id == record.id)
+        return self._publish_queued(record)
 
     def cancel(self) -> int:
         """Drop queued and held images; running batches stop at their next step. Returns the count."""
         record = self._record()
         self._set_state(record, CampaignState.canceled)
-        return self._set_status(
-            record.id, Status.canceled, Status.queued, Status.paused, Status.running,
-            finished_at=utcnow(), error="canceled with its campaign",
-        )
+        return lifecycle.cancel(self._services.sessions, ImageRecord.campaign_id == record.id, reason="canceled with its campaign")
 
     def retry_failed(self) -> int:
         """Queue the failed images again (fresh attempts); returns how many."""
         record = self._record()
-        count = self._set_status(record.id, Status.queued, Status.failed, attempts=0, error=None, finished_at=None)
+        count = lifecycle.retry_failed(self._services.sessions, ImageRecord.campaign_id == record.id)
         if record.state == CampaignState.active.value:
-            self._republish(record, ImageRecord.attempts == 0)
+            self._publish_queued(record, ImageRecord.attempts == 0)
         return count
 
     def status(self) -> CampaignStatus:
         record = self._record()
-        with self._farm.sessions() as session:
+        with self._services.sessions() as session:
             found = dict(
                 session.execute(
                     select(ImageRecord.status, func.count())
@@ -164,13 +145,17 @@ class CampaignControl:
                     ImageRecord.campaign_id == record.id, ImageRecord.status == Status.succeeded.value
                 )
             ).one()
+            steps_done, steps_total = lifecycle.steps(session, ImageRecord.campaign_id == record.id)
         counts = {s.value: int(found.get(s.value, 0)) for s in Status}
         rate = eta = None
         if done and first and last and last > first:
             rate = done / (last - first).total_seconds()
             remaining = counts["queued"] + counts["running"] + counts["paused"]
             eta = remaining / rate if remaining else None
-        return CampaignStatus(self.name, record.state, counts, rate, eta, {str(k): v for k, v in failures.items()})
+        return CampaignStatus(
+            self.name, record.state, counts, rate, eta, {str(k): v for k, v in failures.items()},
+            steps_done=steps_done, steps_total=steps_total,
+        )
 
     def wait(self, timeout: float | None = None, *, progress: bool = False, poll_interval: float = 1.0) -> CampaignStatus:
         """Block until nothing is queued or running (held images do not count)."""
@@ -196,7 +181,7 @@ class CampaignControl:
 
         from farm.imaging.contact_sheet import contact_sheet
 
-        storage = self._farm.storage
+        storage = self._services.storage
         with tempfile.TemporaryDirectory() as tmp:
             items = []
             for n, image in enumerate(self.images()):
@@ -209,12 +194,14 @@ class CampaignControl:
                 raise NotFound(f"campaign {self.name!r} has no finished image yet")
             return contact_sheet(items, Path(out), columns=columns)
 
-    def images(self, *, status: Status | None = Status.succeeded, batch: int = 1000) -> Iterator[ImageRecord]:
-        """Stream the campaign's image records in a stable order (for export), ``batch`` at a time."""
+    def images(self, *, status: Status | None = Status.succeeded, batch: int = 1000) -> Iterator[ImageResult]:
+        """Stream the campaign's images (:class:`~farm.results.ImageResult`, every parameter) in a
+        stable order (for export), ``batch`` at a time."""
         record = self._record()
+        storage = self._services.storage
         last = ""
         while True:
-            with self._farm.sessions() as session:
+            with self._services.sessions() as session:
                 query = select(ImageRecord).where(ImageRecord.campaign_id == record.id, ImageRecord.id > last)
                 if status is not None:
                     query = query.where(ImageRecord.status == status.value)
@@ -222,5 +209,6 @@ class CampaignControl:
                 session.expunge_all()
             if not rows:
                 return
-            yield from rows
+            for row in rows:
+                yield image_result(row, storage)
             last = rows[-1].id

@@ -25,7 +25,7 @@ from farm.storage import Storage, open_storage
 
 if TYPE_CHECKING:
     from farm.campaigns.submit import Campaign
-    from farm.db.tables import ImageRecord
+    from farm.results import ImageResult
 
 FORMATS = ("imagefolder", "webdataset")
 
@@ -42,25 +42,18 @@ class ExportReport:
 
 
 def destination(campaign: "Campaign", dest: str) -> Storage:
-    settings = campaign._farm.settings
+    settings = campaign._services.settings
     url = dest if "://" in dest else Path(dest).resolve().as_uri()
     return open_storage(settings.model_copy(update={"storage_url": url}))
 
 
-def metadata(image: "ImageRecord", campaign: str) -> dict[str, Any]:
-    return {
-        "text": image.prompt,
-        "negative_prompt": image.negative_prompt,
-        "seed": image.seed,
-        "steps": image.steps,
-        "guidance_scale": image.guidance_scale,
-        "width": image.width,
-        "height": image.height,
-        "scheduler": image.scheduler,
-        "model": image.model,
-        "image_id": image.id,
-        "campaign": campaign,
-    }
+def metadata(image: "ImageResult", campaign: str) -> dict[str, Any]:
+    """An exported image's metadata: ``text`` (the prompt, what ``datasets`` reads as the caption),
+    every parameter of the image's read model, and the campaign's name."""
+    data = image.metadata()
+    data["image_id"] = data.pop("id")
+    data.pop("info")  # what the worker recorded (device, cache hits), not how the image was made
+    return {"text": image.prompt, **data, "campaign": campaign}
 
 
 def export(campaign: "Campaign", dest: str, *, fmt: str = "imagefolder", shard_size: int = 1000) -> ExportReport:
@@ -69,7 +62,7 @@ def export(campaign: "Campaign", dest: str, *, fmt: str = "imagefolder", shard_s
     if shard_size < 1:
         raise ValidationError("shard_size", shard_size, "must be at least 1")
     target = destination(campaign, dest)
-    source = campaign._farm.storage
+    source = campaign._services.storage
     if fmt == "imagefolder":
         exported, already = _imagefolder(campaign, source, target)
     else:
@@ -109,7 +102,7 @@ def _webdataset(campaign: "Campaign", source: Storage, target: Storage, shard_si
     manifest = _read_lines(target, manifest_key)
     done = {image_id for shard in manifest for image_id in shard["image_ids"]}
     exported = 0
-    pending: list["ImageRecord"] = []
+    pending: list["ImageResult"] = []
 
     def flush() -> None:
         nonlocal pending

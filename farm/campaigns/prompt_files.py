@@ -23,6 +23,10 @@ FIELD_TYPES: dict[str, type] = {
     "guidance_scale": float,
     "width": int,
     "height": int,
+    "strength": float,
+    "mask_blur": int,
+    "clip_skip": int,
+    "paste_back": bool,
 }
 #: Fields a sweep may vary (``size`` is ``WxH`` and sets width and height).
 SWEEPABLE = ("seed", "guidance_scale", "steps", "scheduler", "width", "height", "size", "model", "negative_prompt")
@@ -38,6 +42,12 @@ def coerce(field: str, value: Any, where: str) -> Any:
     if kind is None or not isinstance(value, str):
         return value
     text = value.strip()
+    if kind is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValidationError(field, value, "must be true or false", where=where)
     try:
         return int(text) if kind is int else float(text)
     except ValueError:
@@ -52,7 +62,7 @@ def row_id(explicit: str | None, fields: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:24]
 
 
-def _finish(number: int, raw: dict[str, Any], where: str) -> Row:
+def finish_row(number: int, raw: dict[str, Any], where: str) -> Row:
     fields = {k: coerce(k, v, where) for k, v in raw.items() if v is not None and v != ""}
     if not isinstance(fields.get("prompt"), str):
         raise ValidationError("prompt", fields.get("prompt"), "is required in every row", where=where)
@@ -86,7 +96,7 @@ def _jsonl(path: Path) -> Iterator[Row]:
                 raise ValidationError("line", line.strip()[:60], f"is not valid JSON ({exc.msg})", where=where) from None
             if not isinstance(raw, dict):
                 raise ValidationError("line", line.strip()[:60], "must be a JSON object", where=where)
-            yield _finish(number, raw, where)
+            yield finish_row(number, raw, where)
 
 
 def _csv(path: Path) -> Iterator[Row]:
@@ -101,7 +111,7 @@ def _csv(path: Path) -> Iterator[Row]:
             where = f"{path.name} line {reader.line_num}"
             if None in raw:
                 raise ValidationError("line", raw[None], f"has more cells than the {len(columns)} columns", where=where)
-            yield _finish(reader.line_num, raw, where)
+            yield finish_row(reader.line_num, raw, where)
 
 
 def _parquet(path: Path) -> Iterator[Row]:
@@ -116,7 +126,7 @@ def _parquet(path: Path) -> Iterator[Row]:
     for batch in table.iter_batches(batch_size=4096):
         for raw in batch.to_pylist():
             number += 1
-            yield _finish(number, raw, f"{path.name} row {number}")
+            yield finish_row(number, raw, f"{path.name} row {number}")
 
 
 def parse_sweeps(items: list[str] | dict[str, list[Any]]) -> dict[str, list[Any]]:

@@ -20,16 +20,21 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from sqlalchemy import func, select, update
 
-from farm.dispatch import submissions
+from farm import lifecycle
 from farm.campaigns.control import CampaignControl, CampaignStatus
+from farm.campaigns.prompt_files import Row, combinations, finish_row, parse_sweeps, read_rows, row_id
+from farm.db.tables import CampaignRecord, CampaignState, ImageRecord, Status, SubmissionRecord
+from farm.dispatch.publish import mark_published, publish, publish_queued
 from farm.errors import ValidationError
-from farm.campaigns.prompt_files import Row, combinations, parse_sweeps, read_rows, row_id
-from farm.db.tables import CampaignRecord, CampaignState, ImageRecord, Status, SubmissionRecord, utcnow
-from farm.request.spec import ImageSpec, check_request
+from farm.request.spec import ImageSpec
+
+if TYPE_CHECKING:
+    from farm.request.intake import Intake
+    from farm.services import Services
 
 __all__ = ["DEFAULT_SECONDS_PER_STEP_512", "Campaign", "CampaignControl", "CampaignStatus", "SubmitReport"]
 
@@ -76,6 +81,11 @@ class Campaign(CampaignControl):
     #: Set by ``submit``: the campaign had no image yet, so no item key can exist (skips the lookups).
     _fresh = False
 
+    def __init__(self, services: "Services", name: str, *, intake: Callable[[], "Intake"]):
+        super().__init__(services, name)
+        #: makes the request path for one submit (``Farm.intake``): model defaults, inputs, LoRAs, checks
+        self._intake = intake
+
     # -- submit -------------------------------------------------------------------------------
     def submit(
         self,
@@ -86,8 +96,15 @@ class Campaign(CampaignControl):
         priority: int | None = None,
         on_total: Callable[[SubmitReport], None] | None = None,
     ) -> SubmitReport:
-        """Expand ``source`` (a .jsonl/.csv/.parquet path, or dicts) × ``sweeps`` and queue what is new."""
-        settings = self._farm.settings
+        """Expand ``source`` (a .jsonl/.csv/.parquet path, or dicts) × ``sweeps`` and queue what is new.
+
+        Each row is a request like any other (``farm.request.intake``): the model's defaults, LoRAs
+        (``loras``: names with weights), init images and masks (paths relative to the prompt file,
+        or URIs of the farm's storage), strength, clip skip… A row and the same plain request give
+        identical parameters.
+        """
+        settings = self._services.settings
+        intake = self._intake()
         sweep_values = parse_sweeps(sweeps or [])
         combos = combinations(sweep_values)
         if priority is not None and not 0 <= priority <= 9:
@@ -97,7 +114,7 @@ class Campaign(CampaignControl):
         total, estimate = 0, 0.0
         per_step = self._seconds_per_step()
         cap = settings.limits.max_campaign_images
-        for item in self._items(source, combos, keys=False):
+        for item in self._items(intake, source, combos, keys=False):
             total += 1
             if total > cap:
                 raise ValidationError(
@@ -111,11 +128,12 @@ class Campaign(CampaignControl):
         if dry_run:
             return report
 
-        # pass 2: write new images and publish them, chunk by chunk
+        # pass 2: store the input images (once each), write new images and publish them, chunk by chunk
+        intake.upload_inputs()
         record = self._ensure(priority)
         self._fresh = not self._has_images(record)  # a new campaign: no key can exist yet
         chunk: list[_Item] = []
-        for item in self._items(source, combos):
+        for item in self._items(intake, source, combos):
             chunk.append(item)
             if len(chunk) >= settings.campaign_chunk_size:
                 self._write_chunk(record, chunk, report)
@@ -125,17 +143,17 @@ class Campaign(CampaignControl):
         report.published_again = self._publish_unpublished(record)
         return report
 
-    def _items(self, source, combos: list[dict[str, Any]], *, keys: bool = True) -> Iterator[_Item]:
-        settings = self._farm.settings
+    def _items(self, intake, source, combos: list[dict[str, Any]], *, keys: bool = True) -> Iterator[_Item]:
         combo_keys = [json.dumps(combo, sort_keys=True) for combo in combos]
+        base_dir = Path(source).resolve().parent if isinstance(source, (str, Path)) else None
         for number, explicit, fields in self._rows(source):
             rid = row_id(explicit, fields) if keys else ""
             for combo, combo_key in zip(combos, combo_keys):
                 try:
-                    checked = check_request({**fields, **combo}, settings)
+                    specs = intake.prepare({**fields, **combo}, base_dir=base_dir)
                 except ValidationError as exc:
                     raise exc.at(self._where(source, number)) from None
-                for index, spec in enumerate(checked.images):
+                for index, spec in enumerate(specs):
                     key = hashlib.sha256(f"{rid}\x1f{combo_key}\x1f{index}".encode()).hexdigest()[:40] if keys else ""
                     yield _Item(key=key, spec=spec)
 
@@ -144,24 +162,22 @@ class Campaign(CampaignControl):
         if isinstance(source, (str, Path)):
             yield from read_rows(Path(source))
             return
-        from farm.campaigns.prompt_files import _finish
-
         for number, raw in enumerate(source, start=1):
             if not isinstance(raw, dict):
                 raise ValidationError("row", raw, "must be a dict of request fields", where=f"row {number}")
-            yield _finish(number, raw, f"row {number}")
+            yield finish_row(number, raw, f"row {number}")
 
     @staticmethod
     def _where(source, number: int) -> str:
         return f"{Path(source).name} line {number}" if isinstance(source, (str, Path)) else f"row {number}"
 
     def _ensure(self, priority: int | None) -> CampaignRecord:
-        with self._farm.sessions.begin() as session:
+        with self._services.sessions.begin() as session:
             record = session.scalar(select(CampaignRecord).where(CampaignRecord.name == self.name))
             if record is None:
                 record = CampaignRecord(
                     id=str(uuid.uuid4()), name=self.name, state=CampaignState.active.value,
-                    priority=self._farm.settings.campaign_priority if priority is None else priority,
+                    priority=self._services.settings.campaign_priority if priority is None else priority,
                 )
                 session.add(record)
             elif priority is not None:
@@ -173,11 +189,11 @@ class Campaign(CampaignControl):
         return record
 
     def _write_chunk(self, record: CampaignRecord, chunk: list[_Item], report: SubmitReport) -> None:
-        farm = self._farm
+        services = self._services
         keys = [item.key for item in chunk]
         existing: set[str] = set()
         if not self._fresh:
-            with farm.sessions() as session:
+            with services.sessions() as session:
                 existing = set(
                     session.scalars(
                         select(ImageRecord.item_key).where(
@@ -189,26 +205,24 @@ class Campaign(CampaignControl):
         report.existing += len(chunk) - len(fresh)
         if not fresh:
             return
-        submission_id, batches = submissions.record_submission(
-            farm.sessions,
+        paused = record.state == CampaignState.paused.value
+        submission_id, batches = lifecycle.record(
+            services.sessions,
             [item.spec for item in fresh],
             num_requests=len(fresh),
-            settings=farm.settings,
+            settings=services.settings,
             label=f"campaign:{self.name}",
             campaign_id=record.id,
             item_keys=[item.key for item in fresh],
+            status=Status.paused if paused else Status.queued,
         )
-        if record.state == CampaignState.paused.value:
-            self._set_status(record.id, Status.queued, Status.paused, submission_id=submission_id)
-        else:
-            submissions.publish(
-                farm.celery, batches, farm.settings, submission_id=submission_id, sessions=farm.sessions,
-                priority=record.priority, whole_submission=submission_id,
-            )
+        if not paused:
+            publish(services.celery, batches, services.settings, origin=f"campaign:{self.name}", priority=record.priority)
+            mark_published(services.sessions, SubmissionRecord.id == submission_id)
         report.new += len(fresh)
 
     def _has_images(self, record: CampaignRecord) -> bool:
-        with self._farm.sessions() as session:
+        with self._services.sessions() as session:
             return session.scalar(select(ImageRecord.id).where(ImageRecord.campaign_id == record.id).limit(1)) is not None
 
     def _publish_unpublished(self, record: CampaignRecord) -> int:
@@ -218,18 +232,18 @@ class Campaign(CampaignControl):
         unpublished = select(SubmissionRecord.id).where(
             SubmissionRecord.campaign_id == record.id, SubmissionRecord.published_at.is_(None)
         )
-        count = self._republish(record, ImageRecord.submission_id.in_(unpublished))
-        with self._farm.sessions.begin() as session:
-            session.execute(
-                update(SubmissionRecord)
-                .where(SubmissionRecord.campaign_id == record.id, SubmissionRecord.published_at.is_(None))
-                .values(published_at=utcnow())
-            )
+        services = self._services
+        count = publish_queued(
+            services.sessions, services.celery, services.settings,
+            ImageRecord.campaign_id == record.id, ImageRecord.submission_id.in_(unpublished),
+            origin=f"campaign:{self.name}",
+        )
+        mark_published(services.sessions, SubmissionRecord.campaign_id == record.id)
         return count
 
     def _seconds_per_step(self) -> float:
         """Recorded GPU seconds per step of a 512² image on this farm, or the default guess."""
-        with self._farm.sessions() as session:
+        with self._services.sessions() as session:
             row = session.execute(
                 select(
                     func.sum(ImageRecord.gpu_seconds),

@@ -167,6 +167,8 @@ class ImageRecord(Base):
     # where it is
     status: Mapped[str] = mapped_column(String(16), default=Status.queued.value, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Denoising steps its worker has done so far while running (progress by steps)
+    steps_done: Mapped[int | None] = mapped_column(Integer)
     task_id: Mapped[str | None] = mapped_column(String(64))
     worker: Mapped[str | None] = mapped_column(String(255))
     claim_token: Mapped[str | None] = mapped_column(String(36))

@@ -31,9 +31,12 @@ class GenerationRequest:
     num_images: int | None = None
     seed: int | None = None
     seeds: list[int] | None = None
-    steps: int = 25
-    guidance_scale: float = 7.5
-    width: int | None = None  # default 512, or the init image's size (rounded down to multiples of 8)
+    #: None: the model's own (its farm.json), else FARM_DEFAULT_STEPS / FARM_DEFAULT_GUIDANCE_SCALE
+    steps: int | None = None
+    guidance_scale: float | None = None
+    #: None: the init image's size (rounded down to multiples of 8), else the model's own, else
+    #: FARM_DEFAULT_SIZE
+    width: int | None = None
     height: int | None = None
     scheduler: str | None = None
     model: str | None = None
@@ -196,24 +199,16 @@ def check_request(
     first); a request naming an image without them is refused. Raises
     :class:`~farm.errors.ValidationError` naming the field, the value and the limit.
     """
+    from farm.catalogue import Catalogue
+
     if not isinstance(request, GenerationRequest):
         request = GenerationRequest.from_dict(request, index=index)
     limits = settings.limits
     inputs = inputs or PreparedInputs()
+    catalogue = Catalogue(settings)
+    model = catalogue.check_name(request.model, index=index)
     conditioning = _conditioning(request, inputs, index)
-    if inputs.init is not None:
-        from farm.imaging.inputs import output_size
-
-        default_w, default_h = output_size(inputs.init.width, inputs.init.height)
-        request = dataclasses.replace(
-            request,
-            width=default_w if request.width is None else request.width,
-            height=default_h if request.height is None else request.height,
-        )
-    else:
-        request = dataclasses.replace(
-            request, width=512 if request.width is None else request.width, height=512 if request.height is None else request.height
-        )
+    request = _with_defaults(request, catalogue.defaults(model), inputs)
 
     prompt = _text("prompt", request.prompt, limits.max_prompt_chars, index)
     negative = _text("negative_prompt", request.negative_prompt or "", limits.max_prompt_chars, index)
@@ -237,20 +232,15 @@ def check_request(
             "width×height", f"{width}×{height}", f"must be at most {limits.max_pixels} pixels", index=index
         )
 
-    scheduler = request.scheduler or settings.default_scheduler
+    scheduler = request.scheduler
     if not isinstance(scheduler, str) or scheduler not in SCHEDULER_NAMES:
         raise ValidationError(
             "scheduler", scheduler, f"unknown scheduler; valid names: {', '.join(SCHEDULER_NAMES)}", index=index
         )
-    model = request.model or settings.default_model
-    if not isinstance(model, str) or model not in settings.models:
-        raise ValidationError(
-            "model", model, f"unknown model; valid names: {', '.join(sorted(settings.models))}", index=index
-        )
 
     clip_skip = _int("clip_skip", request.clip_skip, 1, 2, index)
     if request.loras and not inputs.loras:
-        raise ValidationError("loras", request.loras, "must be resolved against the registry (submit through Farm)", index=index)
+        raise ValidationError("loras", request.loras, "must be resolved against the registry (farm.request.Intake)", index=index)
     _check_prompt_syntax(prompt, "prompt", index)
     _check_prompt_syntax(negative, "negative_prompt", index)
     seeds = _seeds(request, limits.max_num_images, index)
@@ -273,6 +263,24 @@ def check_request(
         for seed in seeds
     ]
     return CheckedRequest(request=request, images=images)
+
+
+def _with_defaults(request: GenerationRequest, defaults: Any, inputs: PreparedInputs) -> GenerationRequest:
+    """Fill what the request left unsaid: a request's value, then (for the size) the init image's,
+    then the model's own (``farm.catalogue``: its farm.json, then the settings)."""
+    width, height = defaults.width, defaults.height
+    if inputs.init is not None:
+        from farm.imaging.inputs import output_size
+
+        width, height = output_size(inputs.init.width, inputs.init.height)
+    return dataclasses.replace(
+        request,
+        width=width if request.width is None else request.width,
+        height=height if request.height is None else request.height,
+        steps=defaults.steps if request.steps is None else request.steps,
+        guidance_scale=defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
+        scheduler=request.scheduler or defaults.scheduler,
+    )
 
 
 def _seeds(request: GenerationRequest, max_images: int, index: int | None) -> list[int]:

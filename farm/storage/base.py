@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
-from farm.errors import ConfigError, StorageError
+from farm.errors import MissingObject, ConfigError, StorageError
 
 if TYPE_CHECKING:
     from farm.storage.s3 import S3Storage
@@ -41,9 +41,6 @@ MAX_METADATA_BYTES = 2048
 _META_KEY = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
-
-class MissingObject(StorageError):
-    """Raised when a key has no object (``get``/``head`` of something never written or deleted)."""
 
 
 @runtime_checkable
@@ -69,6 +66,9 @@ class Storage(Protocol):
 
     def uri(self, key: str) -> str:
         """The object's full address (``s3://bucket/prefix/key`` or ``file:///dir/key``)."""
+
+    def key_of(self, uri: str) -> str | None:
+        """The key of an address :meth:`uri` gave; None when ``uri`` is not in this storage."""
 
     def head(self, key: str) -> dict[str, str]:
         """The object's user metadata; :class:`MissingObject` when there is none."""
@@ -200,6 +200,16 @@ class FileStorage:
 
     def uri(self, key: str) -> str:
         return self.path(key).as_uri()
+
+    def key_of(self, uri: str) -> str | None:
+        parts = urlsplit(uri)
+        if parts.scheme != "file" or parts.netloc not in ("", "localhost"):
+            return None
+        path = Path(url2pathname(parts.path)).resolve()
+        root = self.root.resolve()
+        if root not in path.parents:
+            return None
+        return path.relative_to(root).as_posix()
 
     def head(self, key: str) -> dict[str, str]:
         return dict(self._read_meta(key)["metadata"])

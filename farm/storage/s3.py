@@ -80,6 +80,10 @@ class S3Storage:
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self.object_key(key)}"
 
+    def key_of(self, uri: str) -> str | None:
+        head = f"s3://{self.bucket}/" + (f"{self.prefix}/" if self.prefix else "")
+        return uri[len(head):] if uri.startswith(head) and len(uri) > len(head) else None
+
     def put(
         self, key: str, data: bytes, *, content_type: str, metadata: dict[str, str] | None = None
     ) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from farm.request.spec import ImageSpec
-from farm.dispatch.submissions import plan_batches
+from farm.dispatch.publish import plan_batches
 
 
 def _spec(**overrides: Any) -> ImageSpec:

@@ -15,7 +15,6 @@ from farm import db
 
 from farm import lifecycle
 
-from farm.dispatch import submissions
 from farm.db.tables import ImageRecord
 from farm.settings import Settings
 from farm.request.spec import check_request
@@ -39,7 +38,7 @@ def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
 
 def _submit(sessions: sessionmaker[Session], settings: Settings, num_images: int = 3, **fields) -> tuple[str, list[str]]:
     specs = check_request({"prompt": "a red cube", "num_images": num_images, "seed": 1, **fields}, settings).images
-    submission_id, batches = submissions.record_submission(sessions, specs, num_requests=1, settings=settings)
+    submission_id, batches = lifecycle.record(sessions, specs, num_requests=1, settings=settings)
     return submission_id, [image_id for batch in batches for image_id in batch.image_ids]
 
 
@@ -164,7 +163,7 @@ def test_heartbeat_renews_and_counts_held_images(sessions, settings) -> None:
 
 def test_canceled_images_are_never_claimed(sessions, settings) -> None:
     submission_id, ids = _submit(sessions, settings)
-    assert submissions.cancel(sessions, submission_id) == 3
+    assert lifecycle.cancel(sessions, ImageRecord.submission_id == submission_id, reason="canceled by the user") == 3
     got = _claim(sessions, ids)
     assert got.images == [] and got.held_elsewhere == []
     assert {row.status for row in _rows(sessions, ids)} == {"canceled"}
@@ -175,7 +174,7 @@ def test_cancel_while_running_wins_over_the_worker(sessions, settings) -> None:
     submission_id, ids = _submit(sessions, settings)
     got = _claim(sessions, ids)
     assert lifecycle.heartbeat(sessions, got.token, LEASE) == 3
-    assert submissions.cancel(sessions, submission_id) == 3
+    assert lifecycle.cancel(sessions, ImageRecord.submission_id == submission_id, reason="canceled by the user") == 3
     assert lifecycle.heartbeat(sessions, got.token, LEASE) == 0  # the worker stops at its next step
     assert lifecycle.record_success(sessions, got.token, ids[0], storage_key="images/late.png") is False
     assert lifecycle.record_failure(sessions, got.token, ids, "late failure") == 0
@@ -185,14 +184,14 @@ def test_cancel_while_running_wins_over_the_worker(sessions, settings) -> None:
         assert row.storage_key is None
         assert row.error == "canceled by the user"
     with sessions() as session:
-        assert submissions.counts(session, submission_id)["canceled"] == 3
+        assert lifecycle.submission_counts(session, submission_id)["canceled"] == 3
 
 
 def test_cancel_keeps_finished_images(sessions, settings) -> None:
     submission_id, ids = _submit(sessions, settings)
     got = _claim(sessions, ids)
     lifecycle.record_success(sessions, got.token, ids[0], storage_key="images/done.png")
-    assert submissions.cancel(sessions, submission_id) == 2
+    assert lifecycle.cancel(sessions, ImageRecord.submission_id == submission_id, reason="canceled by the user") == 2
     assert [row.status for row in _rows(sessions, ids)] == ["succeeded", "canceled", "canceled"]
     assert lifecycle.heartbeat(sessions, got.token, LEASE) == 0
 
@@ -260,13 +259,8 @@ def test_take_back_expired_requeues_only_expired_once(sessions, settings) -> Non
     live = _claim(sessions, live_ids, lease=LEASE)
     time.sleep(TINY_LEASE * 3)
 
-    expected: dict[tuple[str, str], list[str]] = {}
-    for row in _rows(sessions, dead_ids + other_dead):
-        expected.setdefault((row.task_id, row.model), []).append(row.id)
-
     taken = lifecycle.take_back_expired(sessions)
-    assert {key: sorted(ids) for key, ids in taken.items()} == {key: sorted(ids) for key, ids in expected.items()}
-    assert len(taken) == 2  # two tasks: different steps never share one
+    assert sorted(taken) == sorted(dead_ids + other_dead)
 
     for row in _rows(sessions, dead_ids + other_dead):
         assert row.status == "queued"
@@ -276,7 +270,7 @@ def test_take_back_expired_requeues_only_expired_once(sessions, settings) -> Non
     assert {row.claim_token for row in _rows(sessions, live_ids)} == {live.token}
     assert {row.status for row in _rows(sessions, queued_ids)} == {"queued"}
 
-    assert lifecycle.take_back_expired(sessions) == {}
+    assert lifecycle.take_back_expired(sessions) == []
     assert lifecycle.heartbeat(sessions, dead.token, LEASE) == 0
 
     retaken = _claim(sessions, dead_ids, worker="w2")
@@ -288,9 +282,9 @@ def test_take_back_expired_respects_grace(sessions, settings) -> None:
     _, ids = _submit(sessions, settings)
     _claim(sessions, ids, lease=TINY_LEASE)
     time.sleep(TINY_LEASE * 3)
-    assert lifecycle.take_back_expired(sessions, grace_seconds=60) == {}
+    assert lifecycle.take_back_expired(sessions, grace_seconds=60) == []
     assert {row.status for row in _rows(sessions, ids)} == {"running"}
-    assert sum(len(v) for v in lifecycle.take_back_expired(sessions).values()) == 3
+    assert len(lifecycle.take_back_expired(sessions)) == 3
 
 
 def test_images_that_could_not_be_stored_fail_after_max_attempts_with_the_reason(sessions, settings) -> None:

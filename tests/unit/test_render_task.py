@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from farm import lifecycle
-from farm.errors import StorageError
+from farm.errors import ConfigError, StorageError
 from farm.storage.keys import image_key
 from farm.imaging.pnginfo import read_png_metadata
 from farm.settings import Settings
@@ -50,7 +50,7 @@ class Run:
     recorded: dict = field(default_factory=dict)  # image id -> (was it in storage then, values)
     failed: dict = field(default_factory=dict)  # image id -> error
     released: list = field(default_factory=list)  # (ids, note, count_attempt)
-    republished: list = field(default_factory=list)  # apply_async kwargs
+    republished: list = field(default_factory=list)  # publish_images calls
     chunks: list = field(default_factory=list)  # batch sizes rendered
 
     def key(self, n: int) -> str:
@@ -85,7 +85,7 @@ def run_task(
         run.released.append((image_ids, note, count_attempt))
         return len(image_ids or [])
 
-    def render(task, ctx, claim, chunk_specs, conditions):
+    def render(task, ctx, claim, image_ids, chunk_specs, conditions):
         if oom_above is not None and len(chunk_specs) > oom_above:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         run.chunks.append(len(chunk_specs))
@@ -107,9 +107,10 @@ def run_task(
     ctx._storage = storage
     ctx._sessions = object()
     ctx._model = SimpleNamespace(hash="abcdef1234", path="/models/tiny")
-    task = SimpleNamespace(
-        request=SimpleNamespace(hostname="h", retries=0, id="task-1"),
-        apply_async=lambda **kwargs: run.republished.append(kwargs),
+    task = SimpleNamespace(request=SimpleNamespace(hostname="h", retries=0, id="task-1"), app=object())
+    monkeypatch.setattr(
+        tasks, "publish_images",
+        lambda sessions, app, settings, image_ids, **kwargs: run.republished.append({"image_ids": list(image_ids), **kwargs}),
     )
     run.ctx = ctx
     run.outcome = tasks.run_render(task, ctx, [i.id for i in run.images], "tiny")
@@ -173,10 +174,10 @@ def test_images_that_cannot_be_stored_are_queued_again_as_an_attempt(monkeypatch
     [(ids, note, counted)] = run.released
     assert ids == [bad] and counted is True and "StorageError" in note and "SlowDown" in note
     [again] = run.republished
-    assert again["kwargs"] == {"image_ids": [bad], "model": "tiny"}
-    assert again["task_id"] == "task-1" and again["countdown"] == tasks.REQUEUE_DELAY and again["queue"] == "farm.tiny"
+    # published again through the one publish path, which keeps its task id, model and priority
+    assert again["image_ids"] == [bad] and again["countdown"] == tasks.REQUEUE_DELAY
 
 
 def test_bad_batch_sizes_are_refused_at_start() -> None:
-    with pytest.raises(ValueError, match="render_batch_sizes"):
+    with pytest.raises(ConfigError, match="FARM_RENDER_BATCH_SIZES"):
         Settings(render_batch_sizes="512x512")

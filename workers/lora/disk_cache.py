@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from farm.errors import FarmError
+from farm.errors import LoraError, FarmError
 from farm.storage import MissingObject, atomic_write
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 #: Suffix of cached LoRA files.
 SUFFIX = ".safetensors"
 
-
-class LoraError(FarmError):
-    """Raised when a LoRA cannot be used: not in storage, its download does not match its sha256
-    (truncated or altered, and the bad copy was deleted), it does not fit in the cache or on the
-    disk, or the pipeline cannot load it. The message says which, and what to do."""
 
 
 @dataclass(frozen=True)
