@@ -80,6 +80,27 @@ def _looks_like_path(location: str) -> bool:
     return location.startswith(("/", "./", "../", "~", ".\\")) or "\\" in location or location.count("/") > 1
 
 
+def locate(name: str, configured: str, models_dir: Path) -> ModelLocation:
+    """Classify a configured location (the one place that does): see the module docstring."""
+    configured = configured.strip()
+    if configured == BUILTIN_SHAPES:
+        return ModelLocation(name, configured, "shipped", shipped_model("shapes"))
+    if configured == BUILTIN_TINY:
+        return ModelLocation(name, configured, "built", Path(models_dir) / "tiny")
+    if configured.startswith("builtin:"):
+        return ModelLocation(name, configured, "missing")
+    path = Path(configured).expanduser()
+    if path.is_dir():
+        return ModelLocation(name, configured, "folder", path)
+    if path.exists() or _looks_like_path(configured) or path.suffix.lower() in _FILE_SUFFIXES:
+        return ModelLocation(name, configured, "missing", path)
+    return ModelLocation(name, configured, "hub", hub_id=configured)
+
+
+#: Suffixes that make a location a file, never a hub id (checkpoints the worker explains it refuses).
+_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
 class Catalogue:
     """The configured models (``settings.models``): names, locations and render defaults."""
 
@@ -103,17 +124,7 @@ class Catalogue:
 
     def location(self, model: str) -> ModelLocation:
         """Where ``model`` lives, as configured (nothing is built or downloaded here)."""
-        configured = self.settings.models[model].strip()
-        if configured == BUILTIN_SHAPES:
-            return ModelLocation(model, configured, "shipped", shipped_model("shapes"))
-        if configured == BUILTIN_TINY:
-            return ModelLocation(model, configured, "built", self.settings.models_dir / "tiny")
-        if configured.startswith("builtin:"):
-            return ModelLocation(model, configured, "missing")
-        path = Path(configured).expanduser()
-        if path.exists() or _looks_like_path(configured) or path.suffix:
-            return ModelLocation(model, configured, "folder" if path.is_dir() else "missing", path)
-        return ModelLocation(model, configured, "hub", hub_id=configured)
+        return locate(model, self.settings.models[model], self.settings.models_dir)
 
     def folder(self, model: str) -> Path | None:
         """The model's local folder when it is readable here now (None for hub ids and unbuilt models)."""

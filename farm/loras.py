@@ -202,10 +202,25 @@ def remove(services: "Services", name: str) -> None:
         session.delete(record)
 
 
+def parse_ref(text: str, *, index: int | None = None, field: str = "loras") -> dict[str, Any]:
+    """``"ink"`` or ``"ink:0.8"`` (the CLI's ``--lora``, a prompt file's cell) → ``{"name", "weight"}``."""
+    name, sep, weight = text.strip().rpartition(":") if ":" in text else (text.strip(), "", "")
+    try:
+        return {"name": name.strip(), "weight": float(weight) if sep else 1.0}
+    except ValueError:
+        raise ValidationError(field, text, "must be NAME or NAME:WEIGHT, e.g. ink:0.8", index=index) from None
+
+
 def resolve(services: "Services", refs: Any, index: int | None = None) -> tuple[tuple[str, float], ...]:
-    """``[{"name"|"sha256": …, "weight": w}, …]`` → ``((sha256, weight), …)``, refusing unknown ones."""
+    """LoRA references → ``((sha256, weight), …)``, refusing unknown ones.
+
+    ``refs``: ``[{"name"|"sha256": …, "weight": w}, …]``, items may also be ``"NAME[:WEIGHT]"``
+    strings, or one string of them separated by commas or spaces (a CSV cell).
+    """
     if refs is None:
         return ()
+    if isinstance(refs, str):
+        refs = [part for part in refs.replace(",", " ").split() if part]
     if not isinstance(refs, (list, tuple)):
         raise ValidationError("loras", refs, 'must be a list like [{"name": "ink", "weight": 0.8}]', index=index)
     resolved = []
@@ -213,7 +228,7 @@ def resolve(services: "Services", refs: Any, index: int | None = None) -> tuple[
         for n, ref in enumerate(refs):
             where = f"loras[{n}]"
             if isinstance(ref, str):
-                ref = {"name": ref}
+                ref = parse_ref(ref, index=index, field=where)
             if not isinstance(ref, Mapping) or not ({"name", "sha256"} & set(ref)):
                 raise ValidationError(where, ref, 'must be {"name": …, "weight": …} or {"sha256": …, "weight": …}', index=index)
             weight = ref.get("weight", 1.0)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from farm.cli.common import EXIT_FAILED, handles_errors, open_farm
+from farm.cli.common import EXIT_FAILED, open_farm
 
 
 @click.group()
@@ -27,7 +27,6 @@ def campaign() -> None:
 @click.option("--sweep", "sweeps", multiple=True, help="FIELD=V1,V2,… expanded as a product, e.g. seed=1,2,3.")
 @click.option("--dry-run", is_flag=True, help="Print the image count and a GPU-time estimate; submit nothing.")
 @click.option("--priority", type=click.IntRange(0, 9), default=None, help="0 first … 9 last (default FARM_CAMPAIGN_PRIORITY).")
-@handles_errors
 def campaign_submit(file, name, sweeps, dry_run, priority):
     """Expand FILE (JSONL, CSV or Parquet of prompts) × sweeps and queue what is new."""
     def show_total(report):
@@ -47,7 +46,6 @@ def campaign_submit(file, name, sweeps, dry_run, priority):
 
 @campaign.command("status")
 @click.argument("name")
-@handles_errors
 def campaign_status(name):
     """Counts by state, images/s, ETA and failures by reason."""
     with open_farm() as farm:
@@ -55,7 +53,6 @@ def campaign_status(name):
 
 
 def _campaign_action(verb: str, doc: str):
-    @handles_errors
     def action(name):
         with open_farm() as farm:
             count = getattr(farm.campaign(name), verb.replace("-", "_"))()
@@ -75,7 +72,6 @@ _campaign_action("retry-failed", "Queue failed images again.")
 @click.argument("name")
 @click.option("--timeout", type=float, default=None)
 @click.option("--progress/--no-progress", default=True, show_default=True)
-@handles_errors
 def campaign_wait(name, timeout, progress):
     """Wait until nothing is queued or running; exit 0 only if no image failed."""
     with open_farm() as farm:
@@ -89,7 +85,6 @@ def campaign_wait(name, timeout, progress):
 @click.argument("dest")
 @click.option("--format", "fmt", type=click.Choice(["imagefolder", "webdataset"]), default="imagefolder", show_default=True)
 @click.option("--shard-size", type=int, default=1000, show_default=True, help="Images per WebDataset shard.")
-@handles_errors
 def campaign_export(name, dest, fmt, shard_size):
     """Export finished images to DEST (a folder or s3://bucket/prefix); runs again add only new ones."""
     with open_farm() as farm:
@@ -100,7 +95,6 @@ def campaign_export(name, dest, fmt, shard_size):
 @click.argument("name")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--sample", type=int, default=16, show_default=True)
-@handles_errors
 def campaign_sheet(name, out, sample):
     """A contact sheet (grid PNG with prompts) of a sample of the campaign."""
     with open_farm() as farm:

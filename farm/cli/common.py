@@ -1,44 +1,40 @@
-"""What every ``farm`` command shares: settings read from FARM_*, the Farm they act on, and errors
-as one clear line on stderr with an exit code (:data:`EXIT_FAILED`, :data:`EXIT_ERROR`).
+"""What every ``farm`` command shares: settings read from FARM_*, the Farm they act on, and the one
+place errors become a line on stderr and an exit code.
 
-Kept apart from ``farm.cli.main`` so the command groups in their own modules (``farm.cli.campaign``,
-``farm.cli.lora``) use it without importing ``farm.cli.main``, which imports them.
+Exit codes: 0 done; :data:`EXIT_FAILED` (1) the work ran and (some of it) failed or is not all
+there; :data:`EXIT_ERROR` (2) bad usage, input or configuration (nothing was done).
 """
 
 from __future__ import annotations
 
-import functools
-import sys
-
 import click
-import pydantic
 
 from farm.errors import FarmError
 from farm.settings import Settings
 
 EXIT_FAILED = 1  # the work ran and did not (all) succeed
-EXIT_ERROR = 2  # the command could not do what was asked
+EXIT_ERROR = 2  # the command could not do what was asked: bad usage, input or configuration
+
+
+class FarmCommands(click.Group):
+    """The root ``farm`` group: every :class:`~farm.errors.FarmError` raised by any command becomes
+    one ``error: …`` line and exit code 2 here, and nowhere else."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FarmError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_ERROR)
+        except click.ClickException as exc:
+            if exc.exit_code == 1:  # click's default for its own errors: they are usage errors here
+                exc.exit_code = EXIT_ERROR
+            raise
 
 
 def load_settings() -> Settings:
-    try:
-        return Settings()
-    except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        variable = "FARM_" + "__".join(str(p) for p in first["loc"]).upper()
-        raise click.ClickException(f"bad setting {variable}: {first['msg']}") from None
-
-
-def handles_errors(func):
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except FarmError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_ERROR)
-
-    return wrapper
+    """The settings from FARM_* (a bad value raises :class:`~farm.errors.ConfigError`)."""
+    return Settings()
 
 
 def open_farm():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from farm.cli.common import handles_errors, open_farm
+from farm.cli.common import open_farm
 
 
 @click.group()
@@ -22,7 +22,6 @@ def lora() -> None:
 @lora.command("add")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--name", required=True, help="The name jobs use: loras=[{\"name\": NAME, \"weight\": 0.8}].")
-@handles_errors
 def lora_add(file, name):
     """Check FILE (safetensors; diffusers or kohya layout; layers of a known base), upload, register."""
     with open_farm() as farm:
@@ -31,7 +30,6 @@ def lora_add(file, name):
 
 
 @lora.command("list")
-@handles_errors
 def lora_list():
     """Registered LoRAs."""
     with open_farm() as farm:
@@ -41,7 +39,6 @@ def lora_list():
 
 @lora.command("rm")
 @click.argument("name")
-@handles_errors
 def lora_rm(name):
     """Forget a name (the stored file stays for other names and past images)."""
     with open_farm() as farm:

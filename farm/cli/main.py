@@ -16,12 +16,12 @@ import click
 
 from farm.cli.campaign import campaign
 from farm.cli.plugins import PluginGroup
-from farm.cli.common import EXIT_FAILED, handles_errors, load_settings, open_farm
+from farm.cli.common import EXIT_FAILED, FarmCommands, load_settings, open_farm
 from farm.cli.lora import lora
 from farm.errors import ValidationError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=FarmCommands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """farm: a render farm for Stable Diffusion v1.x.
 
@@ -35,14 +35,18 @@ def main() -> None:
 @click.option("--negative-prompt", default="", help="What not to draw.")
 @click.option("--num-images", type=int, default=None, help="Images to render (seeds seed, seed+1, …).")
 @click.option("--seed", type=int, default=None, help="First seed; drawn at random and recorded if omitted.")
-@click.option("--steps", type=int, default=25, show_default=True)
-@click.option("--guidance-scale", type=float, default=7.5, show_default=True)
-@click.option("--width", type=int, default=None, help="Default 512, or the init image's width rounded down to a multiple of 8.")
-@click.option("--height", type=int, default=None, help="Default 512, or the init image's height rounded down to a multiple of 8.")
-@click.option("--scheduler", default=None, help="ddim, pndm, euler, euler_a, heun, lms, dpmpp_2m, dpmpp_2m_karras, unipc.")
+@click.option("--steps", type=int, default=None, help="Default: the model's own (its farm.json), else FARM_DEFAULT_STEPS.")
+@click.option("--guidance-scale", type=float, default=None,
+              help="Default: the model's own (its farm.json), else FARM_DEFAULT_GUIDANCE_SCALE.")
+@click.option("--width", type=int, default=None,
+              help="Default: the init image's width rounded down to a multiple of 8, else the model's own, else FARM_DEFAULT_SIZE.")
+@click.option("--height", type=int, default=None,
+              help="Default: the init image's height rounded down to a multiple of 8, else the model's own, else FARM_DEFAULT_SIZE.")
+@click.option("--scheduler", default=None,
+              help="ddim, pndm, euler, euler_a, heun, lms, dpmpp_2m, dpmpp_2m_karras, unipc. Default: the model's own, else FARM_DEFAULT_SCHEDULER.")
 @click.option("--model", default=None, help="A name from FARM_MODELS (default FARM_DEFAULT_MODEL).")
 @click.option("--file", "file_", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A JSONL file: one request object per line (the same fields, snake_case).")
+              help="A JSONL file: one request object per line (the same fields, snake_case); image paths relative to it.")
 @click.option("--label", default=None, help="A label to find the submission by.")
 @click.option("--init-image", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="img2img: start from this PNG, JPEG or WebP (uploaded once, by content hash).")
@@ -55,7 +59,6 @@ def main() -> None:
 @click.option("--paste-back", is_flag=True, help="Inpainting: keep the unmasked original pixels exactly.")
 @click.option("--clip-skip", type=int, default=1, show_default=True, help="1 or 2, as A1111's Clip skip.")
 @click.option("--lora", "loras", multiple=True, help="NAME[:WEIGHT] of a registered LoRA (repeatable).")
-@handles_errors
 def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, width, height, scheduler, model, file_,
            label, init_image, mask, strength, resize_mode, mask_blur, paste_back, clip_skip, loras):
     """Validate and queue a request; print the submission id."""
@@ -87,26 +90,18 @@ def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, wid
                 "mask_blur": mask_blur,
                 "paste_back": paste_back,
                 "clip_skip": clip_skip,
-                "loras": [_lora_ref(item) for item in loras] or None,
+                "loras": list(loras) or None,
             }
         ]
         lines = ()
     with open_farm() as farm:
         try:
-            job = farm.submit_many(requests, label=label)
+            job = farm.submit_many(requests, label=label, base_dir=file_.parent if file_ is not None else None)
         except ValidationError as exc:
             if lines and exc.index is not None:
                 raise exc.at(f"{file_.name} line {lines[exc.index]}") from None
             raise
         click.echo(job.id)
-
-
-def _lora_ref(item: str) -> dict:
-    name, _, weight = item.rpartition(":") if ":" in item else (item, "", "")
-    try:
-        return {"name": name, "weight": float(weight) if weight else 1.0}
-    except ValueError:
-        raise ValidationError("--lora", item, "must be NAME or NAME:WEIGHT, e.g. ink:0.8") from None
 
 
 def _read_jsonl(path: Path):
@@ -123,7 +118,6 @@ def _read_jsonl(path: Path):
 
 @main.command()
 @click.argument("submission_id", required=False)
-@handles_errors
 def status(submission_id):
     """Counts by state of a submission (or of the latest ten)."""
     with open_farm() as farm:
@@ -136,7 +130,6 @@ def status(submission_id):
 @click.argument("submission_id")
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit 2).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-@handles_errors
 def wait(submission_id, timeout, progress):
     """Wait until every image finished; exit 0 only when every image succeeded."""
     with open_farm() as farm:
@@ -148,17 +141,25 @@ def wait(submission_id, timeout, progress):
 @main.command()
 @click.argument("submission_id")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@handles_errors
-def download(submission_id, directory):
-    """Write the submission's finished PNGs and a metadata.jsonl to DIRECTORY."""
+@click.option("--partial", is_flag=True, help="Download what has succeeded so far (otherwise unfinished work is refused).")
+def download(submission_id, directory, partial):
+    """Write the submission's PNGs and a metadata.jsonl to DIRECTORY; exit 1 (nothing written) while
+    any image has not succeeded, unless --partial."""
+    from farm.errors import Incomplete
+
     with open_farm() as farm:
-        paths = farm.submission(submission_id).download(directory)
-    click.echo(f"{len(paths)} image(s) in {directory}")
+        job = farm.submission(submission_id)
+        try:
+            paths = job.download(directory, partial=partial)
+        except Incomplete as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_FAILED)
+        missing = job.status().total - len(paths)
+    click.echo(f"{len(paths)} image(s) in {directory}" + (f"; {missing} not (yet) succeeded" if missing else ""))
 
 
 @main.command()
 @click.argument("submission_id")
-@handles_errors
 def cancel(submission_id):
     """Cancel every image not finished yet."""
     with open_farm() as farm:
@@ -168,7 +169,6 @@ def cancel(submission_id):
 
 @main.command()
 @click.argument("submission_id")
-@handles_errors
 def requeue(submission_id):
     """Publish a submission's queued work again (after a broker outage); duplicates are harmless."""
     with open_farm() as farm:
@@ -183,7 +183,6 @@ def requeue(submission_id):
 @click.option("--name", default=None, help="Node name (default gpu<N>@host, or cpu@host).")
 @click.option("--processes", type=int, default=1, show_default=True, help="With --cpu: how many worker processes.")
 @click.option("--loglevel", default="INFO", show_default=True)
-@handles_errors
 def worker(model, gpus, cpu, name, processes, loglevel):
     """Start one worker process per GPU for one model."""
     import logging
@@ -208,7 +207,6 @@ def db() -> None:
 
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
-@handles_errors
 def db_upgrade(revision):
     """Apply migrations to FARM_DATABASE_URL."""
     from farm import db as farm_db
@@ -230,7 +228,6 @@ def model() -> None:
 @main.command()
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, or cuda for the first GPU.")
-@handles_errors
 def demo(out, device):
     """Render a demo batch end to end (a real worker process) and write it to OUT."""
     from farm.demo import run_demo

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from farm.imaging.pnginfo import read_png_metadata
+from farm.request.spec import ImageSpec
 
 pytestmark = pytest.mark.integration
 
@@ -82,3 +83,37 @@ def test_a_corrupt_stored_input_fails_its_job_only(farm_env, s3_env):
     # the worker goes on serving
     assert farm.submit("a blue square", width=64, height=64, steps=2, seed=3).wait(timeout=120).succeeded
     assert final.counts["failed"] == 1
+
+
+def test_a_campaign_row_with_a_lora_and_an_init_image_renders_like_the_same_plain_request(farm_env, s3_env, tmp_path, tiny_model):
+    """Bulk synthesis takes everything a plain request takes: a prompt file row names a LoRA with a
+    weight and an init image by a path relative to the file, and renders through the farm with the
+    very parameters the same plain request gets."""
+    from evaluation.tiny_lora import make_tiny_lora
+
+    farm = farm_env.farm()
+    farm.add_lora(make_tiny_lora(tiny_model, tmp_path / "ink.safetensors", seed=3), name="ink-row")
+    folder = tmp_path / "prompts"
+    (folder / "inputs").mkdir(parents=True)
+    (folder / "inputs" / "start.png").write_bytes(init_png())
+    (folder / "rows.csv").write_text(
+        "prompt,init_image,loras,strength,clip_skip,steps,seed\n"
+        "a red circle,inputs/start.png,ink-row:0.7,0.6,2,8,11\n"
+    )
+    campaign = farm.campaign("row-with-lora-and-image")
+    report = campaign.submit(folder / "rows.csv")
+    assert report.new == 1
+    campaign.wait(timeout=300)
+    [row] = list(campaign.images())
+    assert row.status == "succeeded", row.error
+    assert row.mode == "img2img" and row.strength == 0.6 and row.clip_skip == 2 and row.steps == 8
+    assert [weight for _, weight in row.loras] == [0.7] and row.info["loras"][0]["weight"] == 0.7
+
+    plain = farm.submit("a red circle", init_image=str(folder / "inputs" / "start.png"), loras=["ink-row:0.7"],
+                        strength=0.6, clip_skip=2, steps=8, seed=11)
+    [image] = plain.results()
+    asked = lambda r: {k: v for k, v in r.metadata().items() if k in ImageSpec.__dataclass_fields__}  # noqa: E731
+    assert asked(image) == asked(row)
+    final = plain.wait(timeout=300)
+    assert final.succeeded
+    assert farm.storage.get(plain.results()[0].storage_key)[:8] == b"\x89PNG\r\n\x1a\n"

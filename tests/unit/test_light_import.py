@@ -100,3 +100,28 @@ def test_cli_submits_with_heavy_packages_blocked(tmp_path: Path) -> None:
     assert UUID.match(done.stdout.strip()), done.stdout
     attempts = log.read_text().split() if log.exists() else []
     assert attempts == [], f"the submit command tried to import {attempts}"
+
+
+FORBIDDEN = ("workers", "evaluation", "torch", "diffusers", "transformers", "peft", "safetensors", "accelerate")
+
+
+def test_no_arrow_from_the_light_side_to_the_gpu_side() -> None:
+    """Walk every import in farm/ — at any depth, inside functions too — and fail on one that reaches
+    workers/, evaluation/ or the GPU stack. GPU-side commands come in through entry points instead."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2] / "farm"
+    arrows = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] in FORBIDDEN:
+                    arrows.append(f"{path.relative_to(root.parent)}:{node.lineno} imports {name}")
+    assert arrows == []
+    assert (root / "supervisor.py").is_file()  # the process supervisor behind `farm worker` is light

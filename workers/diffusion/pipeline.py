@@ -26,7 +26,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from farm.errors import ModelLoadError
-from farm.settings import BUILTIN_SHAPES, BUILTIN_TINY, shipped_model
+from farm.catalogue import BUILTINS, locate
 from workers.diffusion.tiny import make_tiny
 
 #: Components whose weights are checked before loading.
@@ -146,10 +146,6 @@ def model_hash(path: Path) -> str:
     return _sha256_short(files, stamp)
 
 
-def _looks_like_path(location: str) -> bool:
-    return location.startswith(("/", "./", "../", "~", ".\\")) or "\\" in location or location.count("/") > 1
-
-
 def _download(name: str, location: str, models_dir: Path) -> Path:
     """Fetch hub repo ``location`` (configs + safetensors only) into ``models_dir / 'hub'``."""
     from huggingface_hub import snapshot_download
@@ -172,21 +168,23 @@ def resolve_location(name: str, location: str, models_dir: Path) -> Path:
     ``builtin:tiny`` is built once into ``models_dir / 'tiny'``; an existing folder is used as is;
     a hub id is downloaded. Single-file checkpoints and anything else raise :class:`ModelLoadError`.
     """
-    location = location.strip()
-    models_dir = Path(models_dir)
-    if location == BUILTIN_TINY:
-        return make_tiny(models_dir / "tiny")
-    if location == BUILTIN_SHAPES:
-        path = shipped_model("shapes")
-        if not path.is_dir():
-            raise ModelLoadError(f"model {name!r}: the shipped shapes model is missing at {path}")
-        return path
-    if location.startswith("builtin:"):
-        raise ModelLoadError(
-            f"model {name!r}: unknown built-in model {location!r} (known: {BUILTIN_TINY}, {BUILTIN_SHAPES})"
-        )
-    path = Path(location).expanduser()
-    suffix = path.suffix.lower()
+    found = locate(name, location, Path(models_dir))  # the catalogue classifies; this builds or fetches
+    location = found.configured
+    if found.kind == "built":
+        return make_tiny(found.path)
+    if found.kind == "shipped":
+        if not found.path.is_dir():
+            raise ModelLoadError(f"model {name!r}: the shipped model is missing at {found.path}")
+        return found.path
+    if found.kind == "folder":
+        return found.path
+    if found.kind == "hub":
+        if not _HUB_ID.fullmatch(location):
+            raise ModelLoadError(f"model {name!r}: {location!r} is neither an existing local folder nor a hub id (owner/name)")
+        return _download(name, location, Path(models_dir))
+    if found.path is None:
+        raise ModelLoadError(f"model {name!r}: unknown built-in model {location!r} (known: {', '.join(BUILTINS)})")
+    suffix = found.path.suffix.lower()
     if suffix == ".safetensors":
         raise ModelLoadError(
             f"model {name!r}: {location} is a single-file checkpoint; the farm loads diffusers folders: "
@@ -197,15 +195,9 @@ def resolve_location(name: str, location: str, models_dir: Path) -> Path:
             f"model {name!r}: {location} is a pickle checkpoint: farm loads safetensors only and never "
             "unpickles; convert it to a diffusers folder with safetensors weights on a machine you trust"
         )
-    if path.is_dir():
-        return path
-    if path.exists():
+    if found.path.exists():
         raise ModelLoadError(f"model {name!r}: {location} is a file, not a diffusers pipeline folder")
-    if _looks_like_path(location) or not _HUB_ID.fullmatch(location):
-        raise ModelLoadError(
-            f"model {name!r}: {location!r} is neither an existing local folder nor a hub id (owner/name)"
-        )
-    return _download(name, location, models_dir)
+    raise ModelLoadError(f"model {name!r}: {location!r} is neither an existing local folder nor a hub id (owner/name)")
 
 
 def _use_sdpa(pipe: StableDiffusionPipeline) -> None:
