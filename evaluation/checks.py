@@ -16,8 +16,14 @@ rendering through the farm's own path and the checks, and re-exports the rest so
 * reusable checks (guidance, negative prompt, img2img, inpainting, LoRA), each a function that
   returns numbers and a ``passed`` flag, used by ``tests/semantic``.
 
-numpy, PIL and scipy only at import time; torch/diffusers are imported inside the functions that
-render, so this module stays cheap to import.
+Every image here is rendered the way a worker renders it: an ``ImageSpec`` per image (built by
+:func:`image_spec` at the model's ``farm.json`` defaults) and a ``Conditioning`` with its init image
+and mask, through ``workers.diffusion.render.render_batch`` (:func:`render_specs`; :func:`render`,
+:func:`img2img` and :func:`inpaint` are shorthands for it), LoRAs activated with the worker's
+``workers.lora.adapters.AdapterSet``. There is no second pipeline here: a check tests the farm.
+
+numpy and PIL only at import time; scipy, torch, diffusers and ``workers`` are imported inside the
+functions that need them, so this module stays cheap to import.
 """
 
 from __future__ import annotations
@@ -76,6 +82,57 @@ def load(path: Path | str = DEFAULT_MODEL, *, device: str = "cpu"):
     return _LOADED[key]
 
 
+def image_spec(
+    model,
+    prompt: str,
+    seed: int,
+    *,
+    negative_prompt: str = "",
+    guidance_scale: float | None = None,
+    steps: int | None = None,
+    scheduler: str | None = None,
+    **fields: Any,
+):
+    """The ``farm.request.spec.ImageSpec`` a worker would get for ``prompt`` at the model's defaults.
+
+    ``None`` means the model's ``farm.json`` value; ``fields`` sets any other ``ImageSpec`` field
+    (``mode``, ``strength``, ``mask_blur``, ``paste_back``, ``loras``, ...).
+    """
+    from farm.request.spec import ImageSpec
+
+    d = model_defaults(model.path)
+    return ImageSpec(
+        prompt=prompt, negative_prompt=negative_prompt, seed=int(seed),
+        steps=d["default_steps"] if steps is None else steps,
+        guidance_scale=float(d["default_guidance_scale"] if guidance_scale is None else guidance_scale),
+        width=d["width"], height=d["height"], scheduler=scheduler or d["scheduler"], model=model.name, **fields,
+    )
+
+
+def render_specs(model, specs: Sequence[Any], conditions: Sequence[Any] | None = None, *, batch_size: int = 16) -> list[Image.Image]:
+    """Render ``specs`` (with their ``workers.diffusion.render.Conditioning``) exactly as a worker does:
+    ``render_batch`` with the model's scheduler config, at most ``batch_size`` images a call, each
+    call one batch key (as the farm batches them). Images come back in the order of ``specs``."""
+    from workers.diffusion.render import Conditioning, render_batch
+
+    conditions = list(conditions) if conditions is not None else [Conditioning() for _ in specs]
+    if len(conditions) != len(specs):
+        raise ValueError(f"{len(specs)} specs but {len(conditions)} conditions")
+    groups: dict[tuple, list[int]] = {}
+    for n, spec in enumerate(specs):
+        groups.setdefault(spec.batch_key, []).append(n)
+    images: dict[int, Image.Image] = {}
+    for members in groups.values():
+        for i in range(0, len(members), batch_size):
+            chunk = members[i : i + batch_size]
+            result = render_batch(
+                model, [specs[n] for n in chunk], base_scheduler_config=model.scheduler_config,
+                conditions=[conditions[n] for n in chunk],
+            )
+            images.update(zip(chunk, (r.image for r in result.images)))
+    return [images[n] for n in range(len(specs))]
+
+
 def render(
     model,
     prompts: Sequence[str],
@@ -85,27 +142,19 @@ def render(
     steps: int | None = None,
     negative_prompts: Sequence[str] | None = None,
     batch_size: int = 16,
+    loras: tuple = (),
 ) -> list[Image.Image]:
-    """Render with ``workers.diffusion.render.render_batch`` exactly as a farm worker would."""
-    from farm.request.spec import ImageSpec
-    from workers.diffusion.render import render_batch
+    """txt2img with ``workers.diffusion.render.render_batch`` exactly as a farm worker would.
 
-    d = model_defaults(model.path)
-    g = d["default_guidance_scale"] if guidance_scale is None else guidance_scale
-    n_steps = d["default_steps"] if steps is None else steps
+    ``loras`` (``((sha256, weight), ...)``) only goes into the specs, as in a worker's: the adapters
+    themselves are activated beforehand (``workers.lora.adapters.AdapterSet``, see :func:`check_lora`).
+    """
     negatives = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
     specs = [
-        ImageSpec(
-            prompt=p, negative_prompt=neg, seed=int(s), steps=n_steps, guidance_scale=float(g),
-            width=d["width"], height=d["height"], scheduler=d["scheduler"], model=model.name,
-        )
+        image_spec(model, p, s, negative_prompt=neg, guidance_scale=guidance_scale, steps=steps, loras=tuple(loras))
         for p, s, neg in zip(prompts, seeds, negatives, strict=True)
     ]
-    images: list[Image.Image] = []
-    for i in range(0, len(specs), batch_size):
-        result = render_batch(model, specs[i : i + batch_size], base_scheduler_config=dict(model.scheduler_config))
-        images += [r.image for r in result.images]
-    return images
+    return render_specs(model, specs, batch_size=batch_size)
 
 
 def held_out_prompts(n: int) -> list[tuple[tuple[str, str, str], str, int]]:
@@ -236,32 +285,18 @@ def check_negative_prompt(model, *, n: int = 8, max_ratio: float = 0.9, min_lowe
     )
 
 
-def _img2img_pipe(model):
-    from diffusers import StableDiffusionImg2ImgPipeline
+def img2img(
+    model, image: Image.Image, prompt: str, *, strength: float, seed: int,
+    guidance_scale: float | None = None, steps: int | None = None, negative_prompt: str = "",
+) -> Image.Image:
+    """img2img through the farm's render path (``render_batch``, mode ``img2img``) at the model's defaults."""
+    from workers.diffusion.render import Conditioning
 
-    components = {k: v for k, v in model.pipe.components.items()}
-    components["requires_safety_checker"] = False
-    pipe = StableDiffusionImg2ImgPipeline(**components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def img2img(model, image: Image.Image, prompt: str, *, strength: float, seed: int, guidance_scale: float | None = None, steps: int | None = None) -> Image.Image:
-    """diffusers' img2img with the model's modules (shared, no copy) and the farm's default scheduler."""
-    import torch
-
-    from workers.diffusion.schedulers import make_scheduler
-
-    d = model_defaults(model.path)
-    pipe = _img2img_pipe(model)
-    pipe.scheduler = make_scheduler(d["scheduler"], dict(model.scheduler_config))
-    with torch.inference_mode():
-        return pipe(
-            prompt=prompt, image=image, strength=strength,
-            num_inference_steps=d["default_steps"] if steps is None else steps,
-            guidance_scale=d["default_guidance_scale"] if guidance_scale is None else guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(seed),
-        ).images[0]
+    spec = image_spec(
+        model, prompt, seed, negative_prompt=negative_prompt, guidance_scale=guidance_scale, steps=steps,
+        mode="img2img", strength=float(strength),
+    )
+    return render_specs(model, [spec], [Conditioning(init=image)])[0]
 
 
 def check_img2img(model, *, n: int = 4, close: float = 12.0, follow: float = 0.75, steps: int | None = None) -> CheckResult:
@@ -282,51 +317,28 @@ def check_img2img(model, *, n: int = 4, close: float = 12.0, follow: float = 0.7
 
 
 def inpaint(
-    model, image: Image.Image, mask: np.ndarray, prompt: str, *, seed: int,
+    model, image: Image.Image, mask: np.ndarray | Image.Image, prompt: str, *, seed: int,
     guidance_scale: float | None = None, steps: int | None = None, negative_prompt: str = "",
-    scheduler: str | None = None,
+    scheduler: str | None = None, strength: float = 1.0, mask_blur: int = 0, paste_back: bool = False,
 ) -> Image.Image:
-    """Inpaint with a 4-channel model by latent blending (diffusers' inpaint pipeline needs 9 channels).
+    """Inpainting through the farm's render path (``render_batch``, mode ``inpaint``).
 
-    ``mask`` is boolean (h, w), True where to repaint. After each sampler step (the farm's scheduler
-    ``scheduler``, default the model's), the latent outside the
-    (latent-resolution) mask is replaced by the input's latent noised to that step, so only the
-    inside is generated while it sees a consistent outside. No pixels are pasted back: what is kept
-    outside is what the VAE reconstructs.
+    ``mask`` is boolean (h, w), True where to repaint, or a farm mask image (white = repaint). With
+    the defaults (strength 1, no blur, nothing pasted back) what is kept outside the mask is what the
+    model and VAE reconstruct there, so a check measures the model, not a paste. A 4-channel model
+    (like the shapes model) is inpainted by diffusers' latent blending, a 9-channel one by its
+    inpainting UNet: whatever ``render_batch`` does for a worker.
     """
-    import torch
+    from workers.diffusion.render import Conditioning
 
-    from workers.diffusion.schedulers import make_scheduler
-
-    pipe = model.pipe
-    d = model_defaults(model.path)
-    g = d["default_guidance_scale"] if guidance_scale is None else guidance_scale
-    n_steps = d["default_steps"] if steps is None else steps
-    sched = make_scheduler(scheduler or d["scheduler"], dict(model.scheduler_config))
-    sched.set_timesteps(n_steps)
-    gen = torch.Generator("cpu").manual_seed(seed)
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    with torch.inference_mode():
-        x = torch.from_numpy(_as_array(image)).permute(2, 0, 1)[None].div(127.5).sub(1).to(device, dtype)
-        x0 = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
-        m = torch.from_numpy(mask.astype(np.float32))[None, None]
-        m = torch.nn.functional.interpolate(m, size=x0.shape[-2:], mode="area").gt(0.01).to(device, dtype)
-        noise = torch.randn(x0.shape, generator=gen).to(device, dtype)
-        cond, uncond = pipe.encode_prompt(prompt, device, 1, True, negative_prompt)
-        embeds = torch.cat([uncond, cond])
-        latents = noise * sched.init_noise_sigma
-        for i, t in enumerate(sched.timesteps):
-            inp = sched.scale_model_input(torch.cat([latents] * 2), t)
-            e_u, e_c = pipe.unet(inp, t, encoder_hidden_states=embeds).sample.chunk(2)
-            latents = sched.step(e_u + g * (e_c - e_u), t, latents).prev_sample
-            if i + 1 < len(sched.timesteps):
-                known = sched.add_noise(x0, noise, sched.timesteps[i + 1 : i + 2])
-            else:
-                known = x0
-            latents = m * latents + (1 - m) * known
-        out = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    arr = ((out[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)
+    if not isinstance(mask, Image.Image):
+        mask = Image.fromarray(np.where(np.asarray(mask, bool), 255, 0).astype(np.uint8), "L")
+    spec = image_spec(
+        model, prompt, seed, negative_prompt=negative_prompt, guidance_scale=guidance_scale, steps=steps,
+        scheduler=scheduler, mode="inpaint", strength=float(strength), mask_blur=int(mask_blur),
+        paste_back=bool(paste_back),
+    )
+    return render_specs(model, [spec], [Conditioning(init=image, mask=mask)])[0]
 
 
 def check_inpainting(model, *, n: int = 4, outside_tol: float = 10.0, inside_share: float = 0.5, steps: int | None = None) -> CheckResult:
@@ -366,22 +378,32 @@ def lora_path(model_path: Path | str = DEFAULT_MODEL, name: str = LORA_NAME) -> 
 
 
 def check_lora(model, *, n: int = 8, path: Path | str | None = None, colour: str = LORA_NAME, min_effect: float = 0.6, steps: int | None = None) -> CheckResult:
-    """With the LoRA loaded shapes come out ``colour``; at weight 0 the base output is back (±2 levels)."""
+    """With the LoRA active shapes come out ``colour``; at weight 0 the base output is back (±2 levels).
+
+    The LoRA goes in as a worker's does: ``workers.lora.adapters.AdapterSet.activate`` with the
+    file's sha256 and the job's weight, the specs carrying ``loras=((sha256, weight),)``. Afterwards
+    the adapter is deleted and the LoRA layers removed, so ``model`` renders as loaded again.
+    """
+    import hashlib
+
+    from workers.lora.adapters import AdapterSet
+
     path = Path(path) if path is not None else lora_path(model.path)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
     _, held = split()
     combos = [c for c in held if c[0] != colour and c[2] != colour][:n]
     prompts = [caption(*c) for c in combos]
     seeds = [7000 + i for i in range(len(combos))]
     base = render(model, prompts, seeds, steps=steps)
-    pipe = model.pipe
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="semantic_check")
+    adapters = AdapterSet(model.pipe, max_loaded=1)
     try:
-        pipe.set_adapters(["semantic_check"], [1.0])
-        on = render(model, prompts, seeds, steps=steps)
-        pipe.set_adapters(["semantic_check"], [0.0])
-        off = render(model, prompts, seeds, steps=steps)
+        adapters.activate([(sha, path, 1.0)])
+        on = render(model, prompts, seeds, steps=steps, loras=((sha, 1.0),))
+        adapters.activate([(sha, path, 0.0)])
+        off = render(model, prompts, seeds, steps=steps, loras=((sha, 0.0),))
     finally:
-        pipe.unload_lora_weights()
+        adapters.clear()
+        model.pipe.unload_lora_weights()
     is_colour = lambda ims: float(np.mean([analyse(im).colour == colour for im in ims]))  # noqa: E731
     zero_diff = max(float(np.abs(_as_array(a) - _as_array(b)).max()) for a, b in zip(base, off))
     on_rate, base_rate, off_rate = is_colour(on), is_colour(base), is_colour(off)

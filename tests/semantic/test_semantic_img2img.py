@@ -1,4 +1,4 @@
-"""img2img (diffusers' StableDiffusionImg2ImgPipeline on the model's own modules).
+"""img2img through the farm's render path (``render_batch``, mode ``img2img``; S.img2img).
 
 Strength 0.2 keeps the input image; strength 0.9 follows a new prompt.
 """

@@ -1,7 +1,8 @@
-"""Inpainting with the 4-channel model by latent blending (S.inpaint).
+"""Inpainting through the farm's render path (``render_batch``, mode ``inpaint``; S.inpaint).
 
-diffusers' StableDiffusionInpaintPipeline needs a 9-channel inpainting UNet, which this model is
-not; the latent-blend loop keeps the outside of the mask and generates the inside.
+The shapes model has a 4-channel UNet, so ``render_batch``'s inpainting pipeline works by latent
+blending (the outside of the mask is the input's latent, noised to each step); nothing is pasted
+back, so what is kept outside is what the VAE reconstructs, and the inside is generated.
 """
 
 from evaluation import checks as S
