@@ -106,6 +106,7 @@ class Catalogue:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self._defaults: dict[str, ModelDefaults] = {}
 
     @property
     def names(self) -> list[str]:
@@ -132,7 +133,13 @@ class Catalogue:
         return path if path is not None and path.is_dir() else None
 
     def defaults(self, model: str) -> ModelDefaults:
-        """The model's render defaults: its ``farm.json``, then the settings."""
+        """The model's render defaults: its ``farm.json``, then the settings (read once per catalogue:
+        a 100k-row campaign asks for every row)."""
+        if model not in self._defaults:
+            self._defaults[model] = self._read_defaults(model)
+        return self._defaults[model]
+
+    def _read_defaults(self, model: str) -> ModelDefaults:
         settings = self.settings
         base = {
             "width": settings.default_size,

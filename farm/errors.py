@@ -6,6 +6,11 @@ The CLI turns them into one ``error: …`` line in one place (``farm.cli.main``)
 
 from __future__ import annotations
 
+__all__ = [
+    "ConfigError", "FarmError", "Incomplete", "InputError", "LoraError", "MissingObject", "ModelLoadError", "NotFound",
+    "PublishError", "RenderError", "SchemaOutOfDate", "StorageError", "ValidationError", "WaitTimeout",
+]
+
 
 class FarmError(Exception):
     """Raised by the farm on purpose; the base of every other error here."""

@@ -36,6 +36,11 @@ from farm.settings import Settings
 if TYPE_CHECKING:
     from farm.dispatch.publish import Batch
 
+__all__ = [
+    "Claim", "cancel", "claim", "counts", "heartbeat", "pause", "record", "record_failure", "record_success",
+    "release", "report_progress", "resume", "retry_failed", "steps", "submission_counts", "take_back_expired",
+]
+
 RUNNING = Status.running.value
 QUEUED = Status.queued.value
 

@@ -27,6 +27,8 @@ from farm.db.tables import LoraRecord, utcnow
 if TYPE_CHECKING:
     from farm.services import Services
 
+__all__ = ["LoraInfo", "add", "inspect", "listing", "parse_ref", "remove", "resolve"]
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 SD1_TABLE = Path(__file__).parent / "data" / "sd1_modules.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

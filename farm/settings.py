@@ -21,6 +21,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from farm.errors import ConfigError
 
+__all__ = ["BUILTIN_SHAPES", "BUILTIN_TINY", "Limits", "Settings", "parse_batch_sizes", "parse_sizes", "shipped_model"]
+
 #: A tiny random SD-architecture pipeline, built on first use into ``<data_dir>/models/tiny``.
 BUILTIN_TINY = "builtin:tiny"
 #: The small trained shapes model shipped with farm (models/shapes; docs/shapes-model.md): the

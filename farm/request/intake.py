@@ -15,6 +15,7 @@ import hashlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from farm.catalogue import Catalogue
 from farm.errors import ValidationError
 from farm.imaging.inputs import PreparedImage, prepare_image
 from farm.request.spec import GenerationRequest, ImageSpec, PreparedInputs, check_request
@@ -39,6 +40,7 @@ class Intake:
 
     def __init__(self, settings: Settings, *, resolve_loras: LoraResolver, storage: Callable[[], Storage]):
         self.settings = settings
+        self.catalogue = Catalogue(settings)
         self._resolve_loras = resolve_loras
         self._storage = storage
         self._images: dict[tuple, PreparedImage] = {}
@@ -65,7 +67,7 @@ class Intake:
                 mask=self._image(request.get("mask"), "mask", "L", index, base_dir),
                 loras=self._loras_of(request.get("loras"), index),
             )
-        return check_request(request, self.settings, index=index, inputs=inputs).images
+        return check_request(request, self.settings, index=index, inputs=inputs, catalogue=self.catalogue).images
 
     def upload_inputs(self) -> int:
         """Store every checked input image once (content-addressed); returns how many were new."""

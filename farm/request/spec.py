@@ -18,6 +18,8 @@ from farm.errors import ValidationError
 from farm.request.schedulers import SCHEDULER_NAMES
 from farm.settings import Settings
 
+__all__ = ["MAX_SEED", "CheckedRequest", "GenerationRequest", "ImageSpec", "PreparedInputs", "check_request"]
+
 #: Seeds are 32-bit unsigned, as in A1111, so every seed the farm records can be typed back there.
 MAX_SEED = 2**32 - 1
 
@@ -192,11 +194,14 @@ def check_request(
     *,
     index: int | None = None,
     inputs: PreparedInputs | None = None,
+    catalogue: Any = None,
 ) -> CheckedRequest:
     """Validate ``request`` against ``settings`` and expand it into one ImageSpec per image.
 
     ``inputs`` carries the request's checked init image and mask (the client reads and checks them
-    first); a request naming an image without them is refused. Raises
+    first); a request naming an image without them is refused. ``catalogue`` (a
+    :class:`~farm.catalogue.Catalogue` of ``settings``) gives the model's defaults; pass one to reuse
+    it across many requests. Raises
     :class:`~farm.errors.ValidationError` naming the field, the value and the limit.
     """
     from farm.catalogue import Catalogue
@@ -205,7 +210,7 @@ def check_request(
         request = GenerationRequest.from_dict(request, index=index)
     limits = settings.limits
     inputs = inputs or PreparedInputs()
-    catalogue = Catalogue(settings)
+    catalogue = catalogue or Catalogue(settings)
     model = catalogue.check_name(request.model, index=index)
     conditioning = _conditioning(request, inputs, index)
     request = _with_defaults(request, catalogue.defaults(model), inputs)
