@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from sqlalchemy import select
 
 from farm import lifecycle, loras
-from farm.db.tables import FINISHED, ImageRecord, Status, SubmissionRecord
+from farm.db.tables import ImageRecord, Status, SubmissionRecord
 from farm.dispatch.publish import mark_published, publish, publish_images, publish_queued
 from farm.errors import NotFound, ValidationError
-from farm.progress import wait_until
+from farm.progress import Tally, wait_until
 from farm.request.intake import Intake
 from farm.request.spec import GenerationRequest, ImageSpec
 from farm.results import ImageResult, image_result
@@ -37,7 +37,7 @@ __all__ = ["Farm", "ImageResult", "Submission", "SubmissionStatus"]
 
 
 @dataclass(frozen=True)
-class SubmissionStatus:
+class SubmissionStatus(Tally):
     """Counts of a submission's images by status, and its denoising steps done of all."""
 
     submission_id: str
@@ -45,14 +45,6 @@ class SubmissionStatus:
     #: images × steps: finished images count whole, running ones as far as their worker got
     steps_done: int = 0
     steps_total: int = 0
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    @property
-    def finished(self) -> int:
-        return sum(self.counts[s.value] for s in FINISHED)
 
     @property
     def done(self) -> bool:

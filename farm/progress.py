@@ -9,6 +9,24 @@ from farm.errors import WaitTimeout
 
 S = TypeVar("S")
 
+#: Statuses an image ends in.
+_FINISHED = ("succeeded", "failed", "canceled")
+
+
+class Tally:
+    """What a submission's or campaign's status counts (``counts`` by state) and the totals read
+    from it; :func:`wait_until` shows it."""
+
+    counts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.get(state, 0) for state in _FINISHED)
+
 
 def wait_until(
     read: Callable[[], S],

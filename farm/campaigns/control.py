@@ -20,7 +20,7 @@ from sqlalchemy import func, select, update
 from farm import lifecycle
 from farm.dispatch.publish import publish_queued
 from farm.errors import NotFound, ValidationError
-from farm.progress import wait_until
+from farm.progress import Tally, wait_until
 from farm.results import ImageResult, image_result
 from farm.db.tables import CampaignRecord, CampaignState, ImageRecord, Status, utcnow
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class CampaignStatus:
+class CampaignStatus(Tally):
     name: str
     state: str
     counts: dict[str, int]
@@ -39,14 +39,6 @@ class CampaignStatus:
     #: images × steps: finished images count whole, running ones as far as their worker got
     steps_done: int = 0
     steps_total: int = 0
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    @property
-    def finished(self) -> int:
-        return sum(self.counts[s] for s in ("succeeded", "failed", "canceled"))
 
     def __str__(self) -> str:
         parts = ", ".join(f"{n} {s}" for s, n in self.counts.items() if n)
