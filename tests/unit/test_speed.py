@@ -79,6 +79,7 @@ def test_warmup_renders_each_shape(models_dir: Path) -> None:
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+@pytest.mark.slow  # ~1 min of torch.compile; CI runs it (`-m "not slow"` skips it while editing)
 def test_after_warmup_other_shapes_run_eagerly_instead_of_compiling(models_dir: Path) -> None:
     """torch.compile on CPU (~1 min): the warm-up shape is compiled; afterwards a batch of another
     size renders at once, eagerly, with no new graph, and the compiled shape keeps its code."""
