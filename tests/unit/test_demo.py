@@ -13,7 +13,8 @@ from farm.demo import warnings_to
 
 def test_warnings_and_library_log_records_go_to_the_log_not_stderr(capsys):
     log = io.StringIO()
-    with warnings_to(log):
+    with warnings.catch_warnings(), warnings_to(log):
+        warnings.simplefilter("always")  # whatever -W says
         warnings.warn("a library is unhappy", UserWarning)
         logging.getLogger("some.library").warning("something to look at later")
     with pytest.warns(UserWarning, match="after the demo"):  # back to normal afterwards
