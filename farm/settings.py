@@ -148,6 +148,26 @@ class Settings(BaseSettings):
     task_time_limit: int = Field(default=3 * 3600, ge=10)
     #: A task whose claim hit a database error is retried this many times (backoff 2, 4… 60 s).
     max_retries: int = Field(default=5, ge=0)
+    #: Claims of an image whose worker vanished mid-render (killed, out of memory) before it is failed
+    #: for good; infrastructure faults (database, broker or storage away, a warm shutdown) never count.
+    max_attempts: int = Field(default=5, ge=1)
+    #: Infrastructure errors (database, broker away) are retried with capped, jittered backoff for
+    #: this long before a task hands its message back; they never fail an image.
+    infra_deadline_seconds: float = Field(default=900.0, gt=0)
+    #: On SIGTERM a render process finishes its chunk if it can within this many seconds; else it
+    #: stops and hands its images back at once (claim released, no attempt counted).
+    shutdown_seconds: float = Field(default=30.0, ge=0)
+
+    # -- the reconciler (farm.reconciler: run by `farm worker`, and as `farm reconcile`) -------------
+    #: Seconds between rounds (sweep expired leases, publish what was recorded and never published,
+    #: republish queued images whose message the broker lost).
+    reconcile_interval: float = Field(default=10.0, gt=0)
+    #: Work recorded this long ago and still unpublished is published by the reconciler (its
+    #: submitter died, or the broker refused).
+    reconcile_grace_seconds: float = Field(default=15.0, ge=0)
+    #: Seconds between full checks of the broker's queues against the database (at once when the
+    #: broker's marker shows it restarted empty).
+    reconcile_deep_seconds: float = Field(default=300.0, gt=0)
 
     #: CPU threads torch may use in a worker process (default: torch's own choice). Set it when
     #: several CPU workers share a machine, e.g. cores / processes.
@@ -201,6 +221,15 @@ class Settings(BaseSettings):
     s3_region: str | None = None
     s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
     s3_max_attempts: int = Field(default=5, ge=1)
+    #: Seconds to connect to / wait for an answer from S3 on one attempt (a hung server fails fast).
+    s3_connect_timeout: float = Field(default=5.0, gt=0)
+    s3_read_timeout: float = Field(default=30.0, gt=0)
+    #: A rendered image waiting for storage is retried for this long (from the local spool) before
+    #: the worker gives it back; storage outages never fail an image.
+    upload_deadline_seconds: float = Field(default=3600.0, gt=0)
+    #: Bytes of rendered PNGs a worker keeps in its local spool while storage is away; past it the
+    #: worker stops taking tasks until storage answers.
+    spool_bytes: int = Field(default=2 * 1024**3, ge=1024 * 1024)
 
     limits: Limits = Field(default_factory=Limits)
 
