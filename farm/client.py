@@ -12,16 +12,17 @@ Light by design: no torch, no diffusers (the worker side has them).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from sqlalchemy import select
 
 from farm import lifecycle, loras
 from farm.db.tables import ImageRecord, Status, SubmissionRecord
 from farm.dispatch.publish import mark_published, publish, publish_images, publish_queued
-from farm.errors import NotFound, ValidationError
+from farm.errors import NotFound, PublishError, ValidationError
 from farm.progress import Tally, wait_until
 from farm.request.intake import Intake
 from farm.request.spec import GenerationRequest, ImageSpec
@@ -31,9 +32,12 @@ from farm.settings import Settings
 
 if TYPE_CHECKING:
     from farm.campaigns import Campaign
+    from farm.reconciler import Round
     from farm.storage import Storage
 
 __all__ = ["Farm", "ImageResult", "Submission", "SubmissionStatus"]
+
+log = logging.getLogger("farm")
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,21 @@ class Submission:
         self.status()  # NotFound for an unknown id
         return lifecycle.cancel(self._services.sessions, ImageRecord.submission_id == self.id, reason="canceled by the user")
 
+    def retry_failed(self) -> int:
+        """Queue this submission's failed images again with fresh attempts; returns how many."""
+        self.status()
+        services = self._services
+        count = lifecycle.retry_failed(services.sessions, ImageRecord.submission_id == self.id)
+        if count:
+            try:
+                publish_queued(
+                    services.sessions, services.celery, services.settings,
+                    ImageRecord.submission_id == self.id, ImageRecord.publish_after.is_not(None), origin=self.id,
+                )
+            except PublishError as exc:  # marked in the outbox: the reconciler publishes them
+                log.warning("%s; the reconciler publishes them when the broker answers", exc)
+        return count
+
     def requeue(self) -> int:
         """Publish this submission's queued work again; duplicates are harmless. Returns the images."""
         self.status()
@@ -217,11 +236,16 @@ class Farm:
         *,
         label: str | None = None,
         base_dir: str | Path | None = None,
+        on_recorded: Callable[[Submission], None] | None = None,
     ) -> Submission:
         """Validate every request, record them all in one transaction, then queue the work.
 
         Relative image paths start at ``base_dir`` (default: the working directory). Raises
         :class:`~farm.errors.ValidationError` (nothing written, nothing queued) on bad input.
+        Once recorded the work is never lost: ``on_recorded`` is called with the submission right
+        after the commit, before publishing; if the broker refuses (or this process dies), the
+        reconciler every ``farm worker`` runs publishes it (``farm.reconciler``), so a refused publish
+        is a logged warning, not an error.
         """
         settings = self.settings
         intake = self.intake()
@@ -240,9 +264,16 @@ class Farm:
         submission_id, batches = lifecycle.record(
             self.sessions, specs, num_requests=count, settings=settings, label=label
         )
-        publish(self.celery, batches, settings, origin=submission_id)
+        submission = Submission(self.services, submission_id)
+        if on_recorded is not None:
+            on_recorded(submission)
+        try:
+            publish(self.celery, batches, settings, origin=submission_id)
+        except PublishError as exc:
+            log.warning("%s; the reconciler publishes it when the broker answers", exc)
+            return submission
         mark_published(self.sessions, SubmissionRecord.id == submission_id)
-        return Submission(self.services, submission_id)
+        return submission
 
     def campaign(self, name: str) -> "Campaign":
         """A handle on the campaign called ``name`` (its first ``submit`` creates it)."""
@@ -275,8 +306,13 @@ class Farm:
             ).all()
         return [Submission(self.services, submission_id) for submission_id in ids]
 
-    def recover_expired(self) -> int:
-        """Queue again the images of workers that died holding them; returns how many images."""
-        taken = lifecycle.take_back_expired(self.sessions)
-        publish_images(self.sessions, self.celery, self.settings, taken, origin="(recovered)")
-        return len(taken)
+    def reconcile(self, *, deep: bool = True) -> "Round":
+        """One round of the reconciler (``farm.reconciler``), which every ``farm worker`` runs anyway:
+        images of dead workers, work never published, messages the broker lost — queued again."""
+        from farm.reconciler import Reconciler
+
+        reconciler = Reconciler(self.services)
+        try:
+            return reconciler.run_once(deep=deep)
+        finally:
+            reconciler.step_down()

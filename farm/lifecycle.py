@@ -8,6 +8,16 @@
                   │ └─────record_failure──▶ failed ──────────────────────────────────────┘
                   └──────────cancel───────▶ canceled  (also from queued and paused)
 
+Outbox: every transition *to* queued (release, take_back_expired, resume, retry_failed) sets the image's
+``publish_after`` in the same transaction; :func:`farm.dispatch.publish.publish_images` clears it
+once the message reached the broker. Whatever stays marked (the caller died, the broker refused) is
+published by the reconciler (:mod:`farm.reconciler`). A new submission's mark is its own
+``published_at`` (NULL until every task of it reached the broker).
+
+Attempts: a claim counts one attempt; giving the images back for a reason that is not theirs
+(a warm shutdown, the database or storage away) takes it back. So only a worker that vanished
+mid-render (killed, out of memory) counts, and :func:`claim` fails an image past ``max_attempts``.
+
 Claims: a delivery claims the images of its task that are queued (or whose last claim's lease expired: that
 worker died) under a fresh token, renews the lease while it renders, and records a result only where
 the row still carries its token. So a task delivered twice, or a dead worker's task redelivered to
@@ -83,6 +93,7 @@ def claim(
                 started_at=now,
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
                 attempts=ImageRecord.attempts + 1,
+                publish_after=None,
             )
         )
         mine = list(
@@ -130,15 +141,30 @@ def heartbeat(sessions: sessionmaker[Session], token: str, lease_seconds: float)
 
 
 def record_success(
-    sessions: sessionmaker[Session], token: str, image_id: str, **values: Any
+    sessions: sessionmaker[Session], token: str, image_id: str, *, adopt: bool = False, **values: Any
 ) -> bool:
-    """Mark one image succeeded with ``values`` (storage_key, gpu_seconds…); False if the claim was lost."""
+    """Mark one image succeeded with ``values`` (storage_key, gpu_seconds…); False if the claim was lost.
+
+    ``adopt``: the image was rendered under ``token`` by an earlier process of this worker and kept in
+    its spool; record it also if nobody rendered it since — it is queued again, or running under a
+    lease that has expired — so a restart after a storage outage never renders it twice."""
+    now = utcnow()
+    mine = and_(ImageRecord.claim_token == token, ImageRecord.status == RUNNING)
+    if adopt:
+        mine = or_(
+            mine,
+            ImageRecord.status.in_([QUEUED, Status.paused.value]),
+            and_(ImageRecord.status == RUNNING, ImageRecord.lease_expires_at < now),
+        )
     with sessions.begin() as session:
         return bool(
             session.execute(
                 update(ImageRecord)
-                .where(ImageRecord.id == image_id, ImageRecord.claim_token == token, ImageRecord.status == RUNNING)
-                .values(status=Status.succeeded.value, finished_at=utcnow(), lease_expires_at=None, error=None, **values)
+                .where(ImageRecord.id == image_id, mine)
+                .values(
+                    status=Status.succeeded.value, finished_at=now, lease_expires_at=None, error=None,
+                    claim_token=token, publish_after=None, **values,
+                )
             ).rowcount
         )
 
@@ -160,10 +186,11 @@ def release(
     image_ids: Sequence[str] | None = None,
     count_attempt: bool = False,
 ) -> int:
-    """Give the claim's unfinished images (or only ``image_ids`` of them) back to the queue.
+    """Give the claim's unfinished images (or only ``image_ids`` of them) back to the queue, marked
+    for publishing (the caller publishes them; the reconciler does if it cannot).
 
-    By default the attempt is not counted (an infrastructure error before any GPU work, not the
-    images' fault). ``count_attempt``: it was rendered and could not be stored; after
+    By default the attempt is not counted (a warm shutdown, an infrastructure error: not the
+    images' fault). ``count_attempt``: the images themselves failed the render; after
     ``max_attempts`` such rounds :func:`claim` fails the image with ``note`` as the reason."""
     where = [ImageRecord.claim_token == token, ImageRecord.status == RUNNING]
     if image_ids is not None:
@@ -180,6 +207,8 @@ def release(
                 started_at=None,
                 attempts=ImageRecord.attempts if count_attempt else ImageRecord.attempts - 1,
                 error=note,
+                steps_done=None,
+                publish_after=utcnow(),
             )
         ).rowcount
 
@@ -206,7 +235,7 @@ def take_back_expired(sessions: sessionmaker[Session], *, grace_seconds: float =
                     ImageRecord.status == RUNNING,
                     ImageRecord.lease_expires_at < cutoff,
                 )
-                .values(status=QUEUED, claim_token=None, lease_expires_at=None)
+                .values(status=QUEUED, claim_token=None, lease_expires_at=None, steps_done=None, publish_after=utcnow())
             ).rowcount:
                 taken.append(image_id)
     return taken
@@ -315,12 +344,14 @@ def pause(sessions: sessionmaker[Session], *where: Any) -> int:
 
 def resume(sessions: sessionmaker[Session], *where: Any) -> int:
     """Queue the held (paused) images matching ``where`` again; returns how many."""
-    return _move(sessions, where, Status.paused, Status.queued)
+    return _move(sessions, where, Status.paused, Status.queued, publish_after=utcnow())
 
 
 def retry_failed(sessions: sessionmaker[Session], *where: Any) -> int:
     """Queue the failed images matching ``where`` again with fresh attempts; returns how many."""
-    return _move(sessions, where, Status.failed, Status.queued, attempts=0, error=None, finished_at=None)
+    return _move(
+        sessions, where, Status.failed, Status.queued, attempts=0, error=None, finished_at=None, publish_after=utcnow()
+    )
 
 
 def _move(sessions: sessionmaker[Session], where: Iterable[Any], old: Status, new: Status, **values: Any) -> int:

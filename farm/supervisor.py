@@ -1,8 +1,9 @@
-"""``farm worker``: one worker process per GPU, each pinned to its device, plus a lease sweeper.
+"""``farm worker``: one worker process per GPU, each pinned to its device, plus the reconciler.
 
 Light on purpose (no torch): it only counts GPUs, starts ``python -m workers.main`` once per GPU
 with ``CUDA_VISIBLE_DEVICES`` set in that process's environment, restarts a process that dies, and
-every few seconds queues again the images of a worker that died holding them (``farm.lifecycle``).
+runs the reconciler (``farm.reconciler``): images of a worker that died holding them, work recorded
+and never published, messages the broker lost — all queued again with no person involved.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def run(settings: Settings, *, model: str, slots: list[Slot], sweep: bool = True
     for slot in slots:
         start(slot)
     if sweep:
-        threading.Thread(target=_sweep, args=(settings, stopping), daemon=True, name="lease-sweeper").start()
+        threading.Thread(target=_reconcile, args=(settings, stopping), daemon=True, name="reconciler").start()
 
     while not stopping.is_set():
         for slot in slots:
@@ -113,17 +114,21 @@ def run(settings: Settings, *, model: str, slots: list[Slot], sweep: bool = True
     return 0
 
 
-def _sweep(settings: Settings, stopping: threading.Event) -> None:
-    """Queue again the images whose worker died holding them (its lease ran out)."""
-    from farm.client import Farm
+def _reconcile(settings: Settings, stopping: threading.Event) -> None:
+    """The reconciler (``farm.reconciler``): expired leases, the outbox, messages the broker lost.
+    Every supervisor runs one; one leads at a time. The database may be away when this starts."""
+    from farm.reconciler import Reconciler
+    from farm.services import Services
 
-    interval = max(1.0, settings.claim_lease_seconds / 2)
-    farm = None
-    while not stopping.wait(interval):
+    services = None
+    while services is None:
         try:
-            farm = farm or Farm(settings)
-            count = farm.recover_expired()
-            if count:
-                log.warning("queued again %d task(s) of workers that stopped renewing their lease", count)
-        except Exception:  # the database or broker may be down for a while; try again next round
-            log.exception("lease sweep failed")
+            services = Services.open(settings)
+        except Exception as exc:  # noqa: BLE001 - the database is away: try again
+            log.warning("reconciler waits for the database: %s", type(exc).__name__)
+            if stopping.wait(settings.reconcile_interval):
+                return
+    try:
+        Reconciler(services).run(stopping)
+    finally:
+        services.close()

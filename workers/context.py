@@ -33,6 +33,16 @@ class WorkerContext:
     _adapters: Any = None
     _finisher: Any = None
     _batch_plan: Any = None
+    _shutdown: Any = None
+
+    @property
+    def shutdown(self):
+        """SIGTERM in this render process (``workers.shutdown``): finish the chunk or hand back."""
+        if self._shutdown is None:
+            from workers.shutdown import Shutdown
+
+            self._shutdown = Shutdown(self.settings.shutdown_seconds)
+        return self._shutdown
 
     @property
     def sessions(self):
@@ -96,14 +106,34 @@ class WorkerContext:
             lease = settings.claim_lease_seconds
             self._finisher = Finisher(
                 Uploader(self.storage, workers=settings.upload_threads, retries=settings.upload_retries),
-                record=lambda token, image_id, key, values: lifecycle.record_success(
-                    self.sessions, token, image_id, storage_key=key, **values
-                ),
-                renew=lambda tokens: [lifecycle.heartbeat(self.sessions, token, lease) for token in tokens],
+                record=self._record,
+                renew=self._renew,
                 renew_every=lease / 4,
                 max_pending=settings.upload_max_pending,
             )
         return self._finisher
+
+    def _record(self, token: str, image_id: str, key: str, values) -> bool:
+        """Record a stored image; a database outage is waited out (FARM_INFRA_DEADLINE_SECONDS)."""
+        from farm.retrying import until_deadline
+
+        return until_deadline(
+            lambda: lifecycle.record_success(self.sessions, token, image_id, storage_key=key, **values),
+            deadline_seconds=self.settings.infra_deadline_seconds, what="record an image",
+        )
+
+    def _renew(self, tokens) -> None:
+        """Renew the leases of images waiting for storage; best-effort (a blip is retried next time)."""
+        from farm.retrying import is_infrastructure
+
+        for token in tokens:
+            try:
+                lifecycle.heartbeat(self.sessions, token, self.settings.claim_lease_seconds)
+            except Exception as exc:  # noqa: BLE001
+                if not is_infrastructure(exc):
+                    raise
+                log.warning("lease renewal skipped: %s", type(exc).__name__)
+                return
 
     @property
     def batch_plan(self):
@@ -153,6 +183,7 @@ class WorkerContext:
         self._lora_files = None
         self._finisher = None
         self._batch_plan = None
+        self.shutdown.install()
         try:
             self.model  # noqa: B018 - load now, not inside the first task
             self.warm_up()

@@ -7,7 +7,13 @@ image is rendered and recorded once however often its message arrives.
 A task returns once its last chunk is handed to the process's :class:`~workers.finishing.finisher.Finisher`
 (``FARM_RENDER_OVERLAP_TASKS``, on by default): the next task renders while those PNGs upload. The
 images stay claimed, their leases renewed, until each is recorded after its upload; if the process
-dies first, the leases run out and the lease sweeper queues them again.
+dies first, the leases run out and the reconciler queues them again.
+
+Faults that are not the images' (the database or broker away, a warm shutdown) never count against
+their attempts: database steps are retried until ``FARM_INFRA_DEADLINE_SECONDS`` (``farm.retrying``),
+side channels (progress events, progress records, heartbeats) are best-effort, and images handed
+back are released without an attempt. Only a worker that vanished mid-render counts one
+(``FARM_MAX_ATTEMPTS``).
 """
 
 from __future__ import annotations
@@ -17,12 +23,13 @@ import os
 import time
 
 from celery import Celery, Task
-from sqlalchemy.exc import OperationalError
+from celery.exceptions import Reject
 
 from farm import lifecycle
 from farm.dispatch.publish import publish_images
 from farm.dispatch.celery_app import RENDER_TASK
-from farm.errors import ModelLoadError, RenderError, StorageError
+from farm.errors import ModelLoadError, PublishError, RenderError, StorageError
+from farm.retrying import is_infrastructure, until_deadline
 from farm.storage.keys import image_key
 from farm.imaging.pnginfo import a1111_extra, a1111_parameters, encode_png
 from farm.db.tables import ImageRecord
@@ -33,8 +40,6 @@ from workers.lora.disk_cache import LoraError
 
 log = logging.getLogger("farm.worker")
 
-#: Claims of an image before it is failed for good: each time its worker vanished mid-render.
-MAX_ATTEMPTS = 3
 #: Seconds between progress events a task sends (Flower shows the PROGRESS state).
 PROGRESS_EVERY = 0.25
 #: Seconds between the denoising-step progress a task records for ``farm wait`` (one UPDATE per chunk).
@@ -50,6 +55,17 @@ def register(app: Celery, context: WorkerContext) -> Task:
 
 
 def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str) -> dict:
+    shutdown = ctx.shutdown
+    shutdown.busy = True
+    try:
+        return _run_render(task, ctx, image_ids, model)
+    finally:
+        shutdown.busy = False
+        if shutdown.requested:  # SIGTERM came during this task: finish uploads, then leave
+            shutdown.exit_after_task(ctx.close, timeout=ctx.settings.shutdown_seconds + 60)
+
+
+def _run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str) -> dict:
     settings = ctx.settings
     worker = f"{task.request.hostname or 'worker'}/{os.getpid()}"
 
@@ -57,20 +73,30 @@ def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str)
     if model != ctx.model_name:
         raise RenderError(f"task for model {model!r} reached a worker of {ctx.model_name!r}")
 
-    # 2. claim the images (queued ones, or those of a worker whose lease expired)
+    # 2. claim the images (queued ones, or those of a worker whose lease expired); a database
+    #    outage is waited out, then the message goes back to the queue (nothing counted, nothing lost)
+    if ctx.shutdown.requested:
+        raise Reject("shutting down", requeue=True)
     try:
-        claim = lifecycle.claim(
-            ctx.sessions, image_ids, worker=worker, lease_seconds=settings.claim_lease_seconds, max_attempts=MAX_ATTEMPTS
-        )
-    except OperationalError as exc:
-        raise task.retry(exc=exc, countdown=_backoff(task))
+        claim = _db(ctx, "claim", lambda: lifecycle.claim(
+            ctx.sessions, image_ids, worker=worker, lease_seconds=settings.claim_lease_seconds,
+            max_attempts=settings.max_attempts,
+        ))
+    except Exception as exc:
+        if is_infrastructure(exc):
+            raise Reject(f"database away: {type(exc).__name__}", requeue=True) from exc
+        raise
     if claim.held_elsewhere:
         # Another delivery of this task is rendering them (or died doing so): look again when its
-        # lease ends. A finished image is then simply skipped.
-        publish_images(
-            ctx.sessions, task.app, settings, claim.held_elsewhere, origin=f"task {task.request.id}",
-            countdown=claim.wait_seconds + 1,
-        )
+        # lease ends. A finished image is then simply skipped. Best-effort: if this message is lost,
+        # the lease ends and the reconciler queues them.
+        try:
+            publish_images(
+                ctx.sessions, task.app, settings, claim.held_elsewhere, origin=f"task {task.request.id}",
+                countdown=claim.wait_seconds + 1,
+            )
+        except Exception:  # noqa: BLE001
+            log.warning("could not publish %d image(s) held elsewhere; their lease decides", len(claim.held_elsewhere))
     if not claim.images:
         return {"rendered": 0, "held_elsewhere": len(claim.held_elsewhere)}
     specs = [ImageSpec.from_params(image.params) for image in claim.images]
@@ -83,8 +109,13 @@ def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str)
     # 4. the batch's LoRAs: from the pipeline (cache), the worker's disk, or storage (download)
     try:
         lora_report = _activate_loras(ctx, specs[0].loras)
-    except (LoraError, StorageError) as exc:
-        lifecycle.record_failure(ctx.sessions, claim.token, [i.id for i in images], f"{type(exc).__name__}: {exc}")
+    except StorageError as exc:  # storage away: not the images' fault, hand them back
+        _hand_back(task, ctx, claim.token, [i.id for i in images], f"LoRA download: {exc}")
+        return {"rendered": 0, "handed_back": len(images)}
+    except LoraError as exc:
+        _db(ctx, "record failure", lambda: lifecycle.record_failure(
+            ctx.sessions, claim.token, [i.id for i in images], f"{type(exc).__name__}: {exc}"
+        ))
         log.warning("batch of %d failed: %s", len(specs), exc)
         return {"rendered": 0, "failed": len(specs)}
     finally:
@@ -107,6 +138,9 @@ def _render_and_hand_off(task: Task, ctx: WorkerContext, claim: lifecycle.Claim,
     todo = list(range(len(specs)))
     handoffs, rendered, seconds = [], 0, 0.0
     while todo:
+        if ctx.shutdown.requested:  # SIGTERM: the chunks not started go back to the queue
+            _hand_back(task, ctx, claim.token, [images[n].id for n in todo], "the worker shut down")
+            return {"rendered": rendered, "handed_back": len(todo), "chunks": len(handoffs)}
         size = plan.size_for(width, height, len(todo))
         chunk = todo[:size]
         try:
@@ -118,9 +152,14 @@ def _render_and_hand_off(task: Task, ctx: WorkerContext, claim: lifecycle.Claim,
                 continue
             # CUDA out of memory at one image, a kernel error, a batch the model cannot render: the
             # images not rendered yet fail with the reason; the worker goes on with the next task
-            lifecycle.record_failure(ctx.sessions, claim.token, [images[n].id for n in todo], f"{type(exc).__name__}: {exc}")
+            _db(ctx, "record failure", lambda: lifecycle.record_failure(
+                ctx.sessions, claim.token, [images[n].id for n in todo], f"{type(exc).__name__}: {exc}"
+            ))
             (log.exception if type(exc) is RuntimeError else log.warning)("batch of %d failed: %s", len(todo), exc)
             return {"rendered": rendered, "failed": len(todo), "chunks": len(handoffs)}
+        if batch.interrupted and ctx.shutdown.requested:  # stopped past FARM_SHUTDOWN_SECONDS
+            _hand_back(task, ctx, claim.token, [images[n].id for n in todo], "the worker shut down")
+            return {"rendered": rendered, "handed_back": len(todo), "chunks": len(handoffs)}
         if batch.interrupted:  # every image of the claim was canceled
             return {"rendered": rendered, "canceled": len(todo), "chunks": len(handoffs)}
         seconds_each = batch.seconds / len(chunk)
@@ -148,17 +187,32 @@ REQUEUE_DELAY = 30
 
 
 def _give_back(task: Task, ctx: WorkerContext, token: str, model: str):
-    """What the finisher calls for rendered images it could not store or record: queue them again
-    (counted as an attempt: after ``MAX_ATTEMPTS`` they fail, with the storage error as the reason)."""
-    app, origin = task.app, f"task {task.request.id}"
+    """What the finisher calls for rendered images it could not store or record within its deadline:
+    queue them again (storage away is not the images' fault: no attempt counted)."""
 
     def give_back(image_ids: list[str], error: BaseException) -> None:
-        note = f"queued again after {type(error).__name__}: {error}"
-        if lifecycle.release(ctx.sessions, token, note=note, image_ids=image_ids, count_attempt=True):
-            publish_images(ctx.sessions, app, ctx.settings, image_ids, origin=origin, countdown=REQUEUE_DELAY)
-            log.warning("%d image(s) queued again: %s", len(image_ids), note)
+        _hand_back(task, ctx, token, image_ids, f"{type(error).__name__}: {error}", countdown=REQUEUE_DELAY)
 
     return give_back
+
+
+def _hand_back(task: Task, ctx: WorkerContext, token: str, image_ids: list[str], why: str, countdown: float | None = None) -> None:
+    """Release ``image_ids`` of the claim to the queue (no attempt counted) and publish them; if the
+    publish fails they stay marked in the outbox and the reconciler sends them."""
+    note = f"queued again: {why}"
+    released = _db(ctx, "release", lambda: lifecycle.release(ctx.sessions, token, note=note, image_ids=image_ids))
+    if not released:
+        return
+    try:
+        publish_images(ctx.sessions, task.app, ctx.settings, image_ids, origin=f"task {task.request.id}", countdown=countdown)
+    except (PublishError, Exception) as exc:  # noqa: BLE001 - the outbox has them
+        log.warning("%d image(s) released; publishing them is left to the reconciler (%s)", len(image_ids), type(exc).__name__)
+    log.warning("%d image(s) %s", len(image_ids), note)
+
+
+def _db(ctx: WorkerContext, what: str, step):
+    """A database step, retried through an outage until FARM_INFRA_DEADLINE_SECONDS."""
+    return until_deadline(step, deadline_seconds=ctx.settings.infra_deadline_seconds, what=what)
 
 
 def _activate_loras(ctx: WorkerContext, loras) -> list[dict]:
@@ -191,7 +245,9 @@ def _fetch_inputs(ctx: WorkerContext, claim: lifecycle.Claim, specs: list[ImageS
                 )
             )
         except (StorageError, InputError) as exc:
-            lifecycle.record_failure(ctx.sessions, claim.token, [image.id], f"{type(exc).__name__}: {exc}")
+            _db(ctx, "record failure", lambda: lifecycle.record_failure(
+                ctx.sessions, claim.token, [image.id], f"{type(exc).__name__}: {exc}"
+            ))
             log.warning("image %s: %s", image.id, exc)
             continue
         images.append(image)
@@ -208,16 +264,28 @@ def _render(task: Task, ctx: WorkerContext, claim: lifecycle.Claim, image_ids: l
 
     def on_step(done: int, total: int) -> bool:
         nonlocal last_beat, last_event, last_report
+        if ctx.shutdown.overdue():  # SIGTERM long enough ago: stop here, hand the images back
+            return False
         now = time.monotonic()
+        # side channels are best-effort: a Redis or database blip never fails the batch (an image
+        # still counts as held: only a cancel, read from a live database, stops the render)
         if send_events and (now - last_event >= PROGRESS_EVERY or done == total):
             last_event = now
-            task.send_event("task-progress", step=done, steps=total, images=len(specs))
-        if now - last_beat >= settings.claim_lease_seconds / 4:
-            last_beat = now
-            return lifecycle.heartbeat(ctx.sessions, claim.token, settings.claim_lease_seconds) > 0
-        if now - last_report >= PROGRESS_REPORT_EVERY and done < total:  # `farm wait` advances by steps
-            last_report = now
-            return lifecycle.report_progress(ctx.sessions, claim.token, image_ids, done, total) > 0
+            try:
+                task.send_event("task-progress", step=done, steps=total, images=len(specs))
+            except Exception:  # noqa: BLE001
+                log.debug("progress event not sent", exc_info=True)
+        try:
+            if now - last_beat >= settings.claim_lease_seconds / 4:
+                last_beat = now
+                return lifecycle.heartbeat(ctx.sessions, claim.token, settings.claim_lease_seconds) > 0
+            if now - last_report >= PROGRESS_REPORT_EVERY and done < total:  # `farm wait` advances by steps
+                last_report = now
+                return lifecycle.report_progress(ctx.sessions, claim.token, image_ids, done, total) > 0
+        except Exception as exc:  # noqa: BLE001
+            if not is_infrastructure(exc):
+                raise
+            log.warning("heartbeat skipped: %s", type(exc).__name__)
         return True
 
     return render_batch(
@@ -264,6 +332,3 @@ def finish_item(
         },
     )
 
-
-def _backoff(task: Task) -> float:
-    return min(60.0, 2.0 ** (task.request.retries + 1))

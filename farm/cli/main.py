@@ -96,12 +96,16 @@ def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, wid
         lines = ()
     with open_farm() as farm:
         try:
-            job = farm.submit_many(requests, label=label, base_dir=file_.parent if file_ is not None else None)
+            # the id is printed the moment the work is recorded, before publishing: whatever happens
+            # next, the farm publishes it (farm.reconciler) and the id finds it
+            farm.submit_many(
+                requests, label=label, base_dir=file_.parent if file_ is not None else None,
+                on_recorded=lambda job: click.echo(job.id),
+            )
         except ValidationError as exc:
             if lines and exc.index is not None:
                 raise exc.at(f"{file_.name} line {lines[exc.index]}") from None
             raise
-        click.echo(job.id)
 
 
 def _read_jsonl(path: Path):
@@ -167,10 +171,32 @@ def cancel(submission_id):
     click.echo(f"canceled {count} image(s)")
 
 
+@main.command("retry-failed")
+@click.argument("submission_id")
+def retry_failed(submission_id):
+    """Queue a submission's failed images again, with fresh attempts."""
+    with open_farm() as farm:
+        count = farm.submission(submission_id).retry_failed()
+    click.echo(f"queued {count} failed image(s) again")
+
+
+@main.command()
+@click.option("--no-broker-check", is_flag=True, help="Skip comparing the broker's queues with the database.")
+def reconcile(no_broker_check):
+    """One reconciler round now (every `farm worker` runs it anyway): images of dead workers, work
+    never published, messages the broker lost — queued again."""
+    with open_farm() as farm:
+        result = farm.reconcile(deep=not no_broker_check)
+    click.echo(str(result))
+    if result.errors:
+        sys.exit(1)
+
+
 @main.command()
 @click.argument("submission_id")
 def requeue(submission_id):
-    """Publish a submission's queued work again (after a broker outage); duplicates are harmless."""
+    """Publish a submission's queued work again (never needed: the reconciler does it by itself);
+    duplicates are harmless."""
     with open_farm() as farm:
         count = farm.submission(submission_id).requeue()
     click.echo(f"published {count} task(s)")

@@ -174,6 +174,9 @@ class ImageRecord(Base):
     claim_token: Mapped[str | None] = mapped_column(String(36))
     lease_expires_at: Mapped[datetime | None]
     queued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: The outbox mark: set (to when it is due) in the same transaction that queues the image again;
+    #: cleared once its message reached the broker. The reconciler publishes what stays due.
+    publish_after: Mapped[datetime | None] = mapped_column(index=True)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
 
@@ -187,3 +190,13 @@ class ImageRecord(Base):
     info: Mapped[dict[str, Any] | None]
 
     submission: Mapped[SubmissionRecord] = relationship(back_populates="images")
+
+
+class LeaseRecord(Base):
+    """A named leader lease (the reconciler's): one holder at a time, renewed while it lives."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[datetime]

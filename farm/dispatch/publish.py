@@ -6,6 +6,11 @@ resumed or retried, images a dead worker held (the lease sweeper), images a work
 (storage down) or finds held by another delivery — goes through :func:`publish_images`, which reads
 each image's task, model and priority from the database, so it keeps its campaign priority and
 its original task id (a duplicate delivery is harmless: ``farm.lifecycle`` claims each image once).
+
+The database is the outbox: a submission is recorded before it is published (``published_at`` set
+once every task reached the broker), and an image queued again carries ``publish_after`` until
+:func:`publish_images` has sent it. :func:`publish_outbox` — the reconciler's step — publishes what a
+dead submitter or a refusing broker left behind.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from itertools import islice
 from typing import Any, Iterable, Sequence
 
@@ -26,7 +32,7 @@ from farm.errors import PublishError
 from farm.request.spec import ImageSpec
 from farm.settings import Settings
 
-__all__ = ["Batch", "plan_batches", "publish", "publish_images", "publish_queued", "mark_published"]
+__all__ = ["Batch", "plan_batches", "publish", "publish_images", "publish_outbox", "publish_queued", "mark_published"]
 
 #: Priority of plain submissions (0 is served first); campaigns use their own (FARM_CAMPAIGN_PRIORITY).
 SUBMISSION_PRIORITY = 0
@@ -154,7 +160,15 @@ def publish_images(
               label=f"{len(members)} image(s), published again")
         for (task_id, model, priority), members in grouped.items()
     ]
-    return publish(app, batches, settings, origin=origin, countdown=countdown)
+    sent = publish(app, batches, settings, origin=origin, countdown=countdown)
+    with sessions.begin() as session:  # the outbox mark: these reached the broker
+        for start in range(0, len(ids), 10_000):
+            session.execute(
+                update(ImageRecord)
+                .where(ImageRecord.id.in_(ids[start : start + 10_000]), ImageRecord.publish_after.is_not(None))
+                .values(publish_after=None)
+            )
+    return sent
 
 
 def publish_queued(sessions: sessionmaker[Session], app: Celery, settings: Settings, *conditions: Any, origin: str) -> int:
@@ -163,6 +177,40 @@ def publish_queued(sessions: sessionmaker[Session], app: Celery, settings: Setti
         ids = list(session.scalars(select(ImageRecord.id).where(ImageRecord.status == Status.queued.value, *conditions)))
     publish_images(sessions, app, settings, ids, origin=origin)
     return len(ids)
+
+
+def publish_outbox(
+    sessions: sessionmaker[Session], app: Celery, settings: Settings, *, older_than: float, limit: int = 50_000
+) -> int:
+    """Publish what was recorded and not published ``older_than`` seconds ago: images of submissions
+    whose submitter never finished publishing (killed after its commit, broker down) and images queued
+    again whose publish failed. Returns how many images were sent. Raises PublishError (broker away)."""
+    cutoff = utcnow() - timedelta(seconds=older_than)
+    sent = 0
+    with sessions() as session:
+        unpublished = list(
+            session.scalars(
+                select(SubmissionRecord.id).where(
+                    SubmissionRecord.published_at.is_(None), SubmissionRecord.created_at < cutoff
+                )
+            )
+        )
+        due = list(
+            session.scalars(
+                select(ImageRecord.id)
+                .where(ImageRecord.status == Status.queued.value, ImageRecord.publish_after < cutoff)
+                .limit(limit)
+            )
+        )
+    for submission_id in unpublished:
+        sent += publish_queued(
+            sessions, app, settings, ImageRecord.submission_id == submission_id, origin=submission_id
+        )
+        mark_published(sessions, SubmissionRecord.id == submission_id)
+    if due:
+        publish_images(sessions, app, settings, due, origin="(outbox)")
+        sent += len(due)
+    return sent
 
 
 def mark_published(sessions: sessionmaker[Session], *conditions: Any) -> None:
