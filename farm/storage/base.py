@@ -1,8 +1,9 @@
 """Where images (and later LoRAs and input images) are kept: S3 or a local folder, one contract.
 
-This module holds the contract (:class:`Storage`, :class:`MissingObject`, the key and metadata
-checks both backends apply), the local backend :class:`FileStorage`, :func:`atomic_write` and
-:func:`open_storage`, which turns ``settings.storage`` into a backend:
+This module holds the contract (:class:`Storage`, :class:`MissingObject`,
+:class:`StorageUnavailable` for "no answer, try later", :func:`time_limit` for a caller's deadline,
+the key and metadata checks both backends apply), the local backend :class:`FileStorage`,
+:func:`atomic_write` and :func:`open_storage`, which turns ``settings.storage`` into a backend:
 
 * ``s3://bucket[/prefix]``: :class:`farm.storage.s3.S3Storage` (AWS, MinIO, R2, moto…; endpoint from
   settings or boto3's own ``AWS_ENDPOINT_URL_S3``); neither this
@@ -17,13 +18,15 @@ lowercase letters, digits and dashes, values printable ASCII (S3 sends them as H
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import json
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
@@ -37,9 +40,52 @@ if TYPE_CHECKING:
 META_SUFFIX = ".meta.json"
 #: S3 limits user metadata to 2 KB (keys + values); keep well inside it.
 MAX_METADATA_BYTES = 2048
+#: Seconds to open a connection to S3, and to wait for each read from it (FARM_S3_CONNECT_TIMEOUT,
+#: FARM_S3_READ_TIMEOUT): a hung server fails an attempt in about that long, not botocore's 60 s.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 30.0
 
 _META_KEY = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+class StorageUnavailable(StorageError):
+    """Raised when the store did not answer, or answered "try later", through all its attempts:
+    connection refused or reset, connect or read timeout, HTTP 500/502/503/504, throttling.
+
+    Nothing is wrong with the object or the request: the same call may work in a minute. The
+    worker's finisher keeps such images in its spool and tries again (it gives back only images
+    that failed otherwise: access denied, a missing bucket).
+    """
+
+
+# -- deadlines ------------------------------------------------------------------------------------
+
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("farm_storage_deadline", default=None)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[float | None]:
+    """Storage calls made inside the block start no attempt that could not end by ``seconds`` from now.
+
+    Yields the deadline (a ``time.monotonic()`` value; None without a limit). Nested limits keep the
+    earlier deadline. :class:`farm.storage.s3.S3Storage` honours it between its attempts (each attempt
+    is bounded by its connect and read timeouts); :class:`FileStorage` (a local disk) ignores it.
+    """
+    outer = _DEADLINE.get()
+    deadline = None if seconds is None else time.monotonic() + max(0.0, float(seconds))
+    if outer is not None and (deadline is None or outer < deadline):
+        deadline = outer
+    token = _DEADLINE.set(deadline)
+    try:
+        yield deadline
+    finally:
+        _DEADLINE.reset(token)
+
+
+def current_deadline() -> float | None:
+    """The ``time.monotonic()`` deadline of the innermost :func:`time_limit` block, or None."""
+    return _DEADLINE.get()
 
 
 
@@ -291,5 +337,8 @@ def open_storage(settings: "Settings") -> Storage:
             region=settings.s3_region,
             addressing_style=settings.s3_addressing_style,
             max_attempts=settings.s3_max_attempts,
+            # read with getattr: these settings may not be declared yet in farm.settings
+            connect_timeout=float(getattr(settings, "s3_connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
+            read_timeout=float(getattr(settings, "s3_read_timeout", DEFAULT_READ_TIMEOUT)),
         )
     raise ConfigError(f"storage URL {url!r} is not supported; use {_ACCEPTED} (FARM_STORAGE_URL)")

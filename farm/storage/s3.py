@@ -6,15 +6,38 @@ Botocore errors come out as :class:`~farm.errors.StorageError` (or
 :class:`~farm.storage.MissingObject`) naming the bucket, key, endpoint, error code and a hint.
 :func:`farm.storage.open_storage` builds it from ``s3://bucket[/prefix]``; ``farm.storage`` still
 re-exports :class:`S3Storage`.
+
+Deadlines: every call is bounded. Each attempt has a connect timeout and a read timeout (botocore's
+defaults are 60 s each: a hung server, e.g. a SIGSTOPped moto, held one put for about two minutes);
+a call makes at most ``max_attempts`` attempts, retrying only what may pass on a second try
+(connection refused or reset, timeouts, HTTP 5xx, throttling) after a short capped, jittered pause,
+and never starts an attempt that could not end before the deadline of an enclosing
+:func:`farm.storage.base.time_limit` block. Those failures come out as
+:class:`~farm.storage.base.StorageUnavailable`; botocore's own retries are off (one attempt per
+botocore call), so the bound is this module's to keep.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import logging
+import random
+import time
+from typing import Any, Callable, Iterator, TypeVar
 
 from farm.errors import StorageError
-from farm.storage.base import MissingObject, check_key, check_metadata
+from farm.storage.base import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_READ_TIMEOUT,
+    MissingObject,
+    StorageUnavailable,
+    check_key,
+    check_metadata,
+    current_deadline,
+)
+
+log = logging.getLogger("farm.storage.s3")
+T = TypeVar("T")
 
 _HINTS = {
     "NoSuchKey": "the object was never written, or was deleted",
@@ -28,9 +51,24 @@ _HINTS = {
     "NoCredentialsError": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile / instance role)",
     "EndpointConnectionError": "check FARM_S3_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 and that the server is up",
     "ConnectTimeoutError": "check FARM_S3_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 and the network",
+    "ReadTimeoutError": "the server took the request but did not answer within FARM_S3_READ_TIMEOUT: it is hung or overloaded",
+    "ConnectionClosedError": "the server closed the connection mid-request: it restarted, or a proxy cut it",
 }
 _DEFAULT_HINT = "check the credentials, that the bucket exists, and the endpoint (FARM_S3_ENDPOINT_URL)"
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+#: Error codes worth another attempt (botocore's standard-mode transient and throttling codes).
+_TRANSIENT_CODES = {
+    "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "InternalError", "ServiceUnavailable",
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded", "BandwidthLimitExceeded",
+    "ProvisionedThroughputExceededException", "EC2ThrottledException", "500", "502", "503", "504",
+}
+_TRANSIENT_STATUS = {500, 502, 503, 504}
+#: Pause before attempt n+1: min(cap, base * 2**(n-1)), the upper half of it jittered.
+RETRY_BASE_SECONDS = 0.25
+RETRY_CAP_SECONDS = 4.0
+#: Seconds botocore waits for "100 Continue" before sending a put's body (added to an attempt's bound).
+_EXPECT_CONTINUE_SECONDS = 1.0
 
 
 class S3Storage:
@@ -49,16 +87,30 @@ class S3Storage:
         region: str | None = None,
         addressing_style: str = "auto",
         max_attempts: int = 5,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        max_pool_connections: int = 32,
     ):
         import boto3  # Imported here: ~0.3 s, and file:// users never need it.
         from botocore.config import Config
 
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        #: Attempts per call (the first included), and the longest one attempt waits on a silent server.
+        self.max_attempts = max_attempts
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.attempt_seconds = connect_timeout + read_timeout + _EXPECT_CONTINUE_SECONDS
         config = Config(
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            # One attempt per botocore call: _retrying() retries, within the caller's deadline.
+            retries={"mode": "standard", "total_max_attempts": 1},
             s3={"addressing_style": addressing_style},
+            max_pool_connections=max_pool_connections,
         )
         kwargs: dict[str, Any] = {"config": config}
         if endpoint_url:
@@ -89,16 +141,19 @@ class S3Storage:
     ) -> None:
         s3_key = self.object_key(key)
         meta = check_metadata(metadata)
+        body = bytes(data)
         with self._errors("put", s3_key):
-            self.client.put_object(
-                Bucket=self.bucket, Key=s3_key, Body=bytes(data), ContentType=content_type, Metadata=meta
+            self._retrying(
+                lambda: self.client.put_object(
+                    Bucket=self.bucket, Key=s3_key, Body=body, ContentType=content_type, Metadata=meta
+                )
             )
 
     def get(self, key: str) -> bytes:
         s3_key = self.object_key(key)
         with self._errors("get", s3_key):
-            response = self.client.get_object(Bucket=self.bucket, Key=s3_key)
-            return response["Body"].read()
+            # the body is read inside the attempt: a server that stalls mid-body is retried too
+            return self._retrying(lambda: self.client.get_object(Bucket=self.bucket, Key=s3_key)["Body"].read())
 
     def exists(self, key: str) -> bool:
         try:
@@ -110,7 +165,7 @@ class S3Storage:
     def delete(self, key: str) -> None:
         s3_key = self.object_key(key)
         with self._errors("delete", s3_key):
-            self.client.delete_object(Bucket=self.bucket, Key=s3_key)
+            self._retrying(lambda: self.client.delete_object(Bucket=self.bucket, Key=s3_key))
 
     def head(self, key: str) -> dict[str, str]:
         return dict(self._head(key).get("Metadata", {}))
@@ -124,7 +179,7 @@ class S3Storage:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self.client.head_bucket(Bucket=self.bucket)
+            self._retrying(lambda: self.client.head_bucket(Bucket=self.bucket))
             return
         except ClientError as error:
             if _code(error) not in _NOT_FOUND | {"NoSuchBucket"}:
@@ -136,7 +191,7 @@ class S3Storage:
         if region and region != "us-east-1":
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
         try:
-            self.client.create_bucket(**kwargs)
+            self._retrying(lambda: self.client.create_bucket(**kwargs))
         except ClientError as error:
             if _code(error) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
                 raise self._wrap("create_bucket", "", error) from error
@@ -150,7 +205,7 @@ class S3Storage:
 
         s3_key = self.object_key(key)
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=s3_key)
+            return self._retrying(lambda: self.client.head_object(Bucket=self.bucket, Key=s3_key))
         except ClientError as error:
             if _code(error) not in _NOT_FOUND:
                 raise self._wrap("head", s3_key, error) from error
@@ -166,13 +221,41 @@ class S3Storage:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self.client.head_bucket(Bucket=self.bucket)
+            self._retrying(lambda: self.client.head_bucket(Bucket=self.bucket))
         except ClientError as error:
             code = "NoSuchBucket" if _code(error) in _NOT_FOUND else _code(error)
             raise self._wrap("head_bucket", "", error, code=code) from error
         except BotoCoreError as error:
             raise self._wrap("head_bucket", "", error) from error
         self._bucket_seen = True
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """``call()`` (one botocore request), tried up to ``max_attempts`` times while its errors are
+        transient, with a capped, jittered pause between attempts, starting no attempt that could not
+        end before the enclosing :func:`~farm.storage.base.time_limit` deadline. Re-raises the last
+        botocore error; its ``farm_attempts`` and ``farm_seconds`` say how many attempts took how long."""
+        deadline = current_deadline()
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            attempt_started = time.monotonic()
+            try:
+                return call()
+            except Exception as error:
+                error.farm_attempts = attempt  # type: ignore[attr-defined]
+                error.farm_seconds = time.monotonic() - started  # type: ignore[attr-defined]
+                if not _transient(error) or attempt >= self.max_attempts:
+                    raise
+                pause = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2 ** (attempt - 1))
+                pause = pause / 2 + random.uniform(0, pause / 2)
+                if deadline is not None and time.monotonic() + pause + self.attempt_seconds > deadline:
+                    raise
+                log.info(
+                    "S3 attempt %d of %d failed after %.1f s (%s: %s); again in %.2f s",
+                    attempt, self.max_attempts, time.monotonic() - attempt_started, _code(error), error, pause,
+                )
+                time.sleep(pause)
 
     @contextlib.contextmanager
     def _errors(self, op: str, s3_key: str) -> Iterator[None]:
@@ -188,10 +271,25 @@ class S3Storage:
         code = code or _code(error)
         where = f"bucket {self.bucket!r}" + (f", key {s3_key!r}" if s3_key else "")
         endpoint = self.client.meta.endpoint_url
-        message = f"S3 {op} failed ({where}, endpoint {endpoint}): {code}: {_message(error).rstrip('.')}; "
+        attempts = getattr(error, "farm_attempts", 1)
+        tries = f", {attempts} attempts in {getattr(error, 'farm_seconds', 0.0):.1f} s" if attempts > 1 else ""
+        message = f"S3 {op} failed ({where}, endpoint {endpoint}{tries}): {code}: {_message(error).rstrip('.')}; "
         message += _HINTS.get(code, _DEFAULT_HINT)
-        cls = MissingObject if code == "NoSuchKey" else StorageError
-        return cls(message)
+        if code == "NoSuchKey":
+            return MissingObject(message)
+        return StorageUnavailable(message) if _transient(error) else StorageError(message)
+
+
+def _transient(error: BaseException) -> bool:
+    """Whether another attempt may succeed: no answer (refused, reset, timed out), 5xx, throttling."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
+
+    if isinstance(error, (ConnectionError, HTTPClientError, IncompleteReadError)):
+        return True  # EndpointConnectionError, Connect/ReadTimeoutError, ConnectionClosedError…
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return _code(error) in _TRANSIENT_CODES or status in _TRANSIENT_STATUS
+    return False
 
 
 def _code(error: BaseException) -> str:

@@ -232,3 +232,57 @@ def test_open_storage_rejects_other_urls(url: str, tmp_path: Path) -> None:
 def test_open_storage_default_is_file_under_data_dir(tmp_path: Path) -> None:
     store = open_storage(Settings(data_dir=tmp_path))
     assert isinstance(store, FileStorage) and store.root == (tmp_path / "images").resolve()
+
+
+# -- deadlines --------------------------------------------------------------------------------------
+
+
+def test_s3_calls_have_connect_and_read_timeouts(s3_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from farm.storage.base import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT
+
+    store = open_storage(_s3_settings(tmp_path, "s3://some-bucket", "http://127.0.0.1:9"))
+    assert isinstance(store, S3Storage)
+    config = store.client.meta.config
+    assert (config.connect_timeout, config.read_timeout) == (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT)
+    assert config.retries["total_max_attempts"] == 1  # botocore does not retry: S3Storage does, within deadlines
+    # FARM_S3_CONNECT_TIMEOUT / FARM_S3_READ_TIMEOUT
+    store = open_storage(
+        _s3_settings(tmp_path, "s3://some-bucket", "http://127.0.0.1:9", s3_connect_timeout=1.5, s3_read_timeout=2.5)
+    )
+    assert (store.client.meta.config.connect_timeout, store.client.meta.config.read_timeout) == (1.5, 2.5)
+
+
+def test_s3_refused_connection_is_unavailable_after_its_attempts(s3_env: None) -> None:
+    import time
+
+    from farm.storage.base import StorageUnavailable
+
+    store = S3Storage("some-bucket", endpoint_url="http://127.0.0.1:9", max_attempts=3)
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailable, match=r"some-bucket.*3 attempts.*EndpointConnectionError.*ENDPOINT_URL"):
+        store.put(KEY, PNG, content_type="image/png")
+    assert time.monotonic() - started < 5  # two short, jittered pauses
+
+
+def test_s3_errors_that_another_attempt_cannot_fix_are_not_unavailable(s3_server: str, s3_env: None) -> None:
+    from farm.storage.base import StorageUnavailable
+
+    store = S3Storage(f"missing-{uuid.uuid4().hex[:12]}", endpoint_url=s3_server, max_attempts=3)
+    urls: list[str] = []
+    store.client.meta.events.register("before-send.s3", lambda request, **_: urls.append(request.url))
+    with pytest.raises(StorageError, match="NoSuchBucket") as caught:
+        store.put(KEY, PNG, content_type="image/png")
+    assert not isinstance(caught.value, StorageUnavailable)
+    assert len(urls) == 1  # not retried
+
+
+def test_s3_no_attempt_starts_past_the_callers_deadline(s3_env: None) -> None:
+    import time
+
+    from farm.storage.base import StorageUnavailable, time_limit
+
+    store = S3Storage("some-bucket", endpoint_url="http://127.0.0.1:9", max_attempts=50, connect_timeout=0.2, read_timeout=0.2)
+    started = time.monotonic()
+    with time_limit(3.0), pytest.raises(StorageUnavailable):
+        store.put(KEY, PNG, content_type="image/png")
+    assert time.monotonic() - started <= 3.0
