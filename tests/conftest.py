@@ -1,7 +1,10 @@
 """Shared pytest fixtures. Keep each fixture small and documented; add new ones in their own section.
 
 Services run as real processes speaking their real protocol (here: moto's S3 server over HTTP), so
-tests exercise the same client code paths as production.
+tests exercise the same client code paths as production. The rest serve every suite without any
+process or service: ``tiny_model`` (built once per session), ``make_spec`` / ``make_request`` (the one
+spec builder), ``memory_storage`` (an in-memory :class:`farm.storage.Storage`), ``farm_settings`` /
+``embedded_farm`` (an embedded farm in the test's temp folder).
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -100,3 +104,192 @@ def s3_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
+# -- the tiny model -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random SD1.x pipeline (``workers.diffusion.tiny.make_tiny``, seed 0), built once per
+    session through the real builder; its folder, in diffusers format. Treat it as read-only: copy it
+    to change it."""
+    from workers.diffusion.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+# -- the one spec builder -------------------------------------------------------------------------
+
+#: A request every default farm accepts (the built-in ``tiny`` model, 64 px, 4 steps): ``make_request()``.
+REQUEST_DEFAULTS: dict[str, Any] = {
+    "prompt": "a red cube",
+    "negative_prompt": "",
+    "seed": 1,
+    "steps": 4,
+    "guidance_scale": 7.5,
+    "width": 64,
+    "height": 64,
+    "scheduler": "dpmpp_2m",
+    "model": "tiny",
+}
+
+
+@pytest.fixture
+def make_request() -> Callable[..., dict[str, Any]]:
+    """``make_request(**overrides)``: a valid request dict (``REQUEST_DEFAULTS`` with the overrides; an
+    override of ``None`` leaves the field to the model's or the settings' default, as in a real request)."""
+
+    def make(**overrides: Any) -> dict[str, Any]:
+        return {**REQUEST_DEFAULTS, **overrides}
+
+    return make
+
+
+@pytest.fixture
+def make_spec() -> Callable[..., Any]:
+    """``make_spec(**overrides)``: the :class:`farm.request.spec.ImageSpec` that ``check_request`` makes
+    of ``make_request()`` (one image, seed 1), with the overrides (any ImageSpec field)."""
+    from farm.request.spec import ImageSpec
+
+    def make(**overrides: Any) -> ImageSpec:
+        return ImageSpec(**{**REQUEST_DEFAULTS, **overrides})
+
+    return make
+
+
+# -- storage without a service ----------------------------------------------------------------------
+
+
+class MemoryStorage:
+    """A :class:`farm.storage.Storage` in a dict: the contract of ``FileStorage`` and ``S3Storage``
+    (keys and metadata checked the same way, ``MissingObject`` for a missing object, deleting a
+    missing object is fine, ``uri``/``key_of`` round-trip), with two knobs for tests: ``delay`` (seconds
+    each put takes) and ``fail`` (keys whose put raises ``StorageError`` as a throttled S3 would).
+    """
+
+    def __init__(self, url: str = "memory://test-bucket", *, delay: float = 0.0, fail: set[str] | None = None):
+        self.url = url
+        self.delay = delay
+        self.fail: set[str] = set(fail or ())
+        self.objects: dict[str, tuple[bytes, str, dict[str, str]]] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"MemoryStorage({self.url!r}, {len(self.objects)} object(s))"
+
+    def ensure_bucket(self) -> None:
+        """Nothing to create (the twin of ``FileStorage.ensure_bucket``)."""
+
+    def put(self, key: str, data: bytes, *, content_type: str, metadata: dict[str, str] | None = None) -> None:
+        from farm.errors import StorageError
+        from farm.storage.base import check_key, check_metadata
+
+        check_key(key)
+        checked = check_metadata(metadata)
+        if self.delay:
+            time.sleep(self.delay)
+        if key in self.fail:
+            raise StorageError(f"S3 put failed: SlowDown ({key})")
+        with self._lock:
+            self.objects[key] = (bytes(data), content_type, checked)
+
+    def get(self, key: str) -> bytes:
+        return self._object(key)[0]
+
+    def exists(self, key: str) -> bool:
+        from farm.storage.base import check_key
+
+        return check_key(key) in self.objects
+
+    def delete(self, key: str) -> None:
+        from farm.storage.base import check_key
+
+        with self._lock:
+            self.objects.pop(check_key(key), None)
+
+    def uri(self, key: str) -> str:
+        from farm.storage.base import check_key
+
+        return f"{self.url}/{check_key(key)}"
+
+    def key_of(self, uri: str) -> str | None:
+        from farm.storage.base import check_key
+
+        if not isinstance(uri, str) or not uri.startswith(self.url + "/"):
+            return None
+        try:
+            return check_key(uri[len(self.url) + 1 :])
+        except ValueError:
+            return None
+
+    def head(self, key: str) -> dict[str, str]:
+        return dict(self._object(key)[2])
+
+    def content_type(self, key: str) -> str:
+        return self._object(key)[1]
+
+    def keys(self) -> list[str]:
+        """Every stored key, sorted (a test's view; not part of the Storage contract)."""
+        return sorted(self.objects)
+
+    def _object(self, key: str) -> tuple[bytes, str, dict[str, str]]:
+        from farm.errors import MissingObject
+        from farm.storage.base import check_key
+
+        try:
+            return self.objects[check_key(key)]
+        except KeyError:
+            raise MissingObject(f"no object {key!r} in {self.url}") from None
+
+
+@pytest.fixture
+def memory_storage() -> MemoryStorage:
+    """A fresh, empty :class:`MemoryStorage` (set ``.delay`` / ``.fail`` to slow or break its puts)."""
+    return MemoryStorage()
+
+
+# -- an embedded farm -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty embedded database at the head revision, migrated once per session (a fresh one costs
+    ~0.4 s of Alembic): ``farm_settings`` copies it into each test's data folder."""
+    from farm import db
+
+    path = tmp_path_factory.mktemp("template") / "farm.db"
+    engine = db.make_engine(f"sqlite:///{path}")
+    try:
+        db.upgrade(engine)
+    finally:
+        engine.dispose()  # the last connection's close folds the WAL back into the file
+    return path
+
+
+@pytest.fixture
+def farm_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_sqlite: Path):
+    """Settings of an embedded farm whose data folder is ``tmp_path / "data"`` (SQLite, the filesystem
+    broker, file storage), as a newcomer runs it: no ``FARM_*`` variable from the environment, and
+    the working directory is ``tmp_path`` so no ``.env`` file is read either. Its database is already
+    at head (a copy of ``migrated_sqlite``; delete ``data/farm.db`` to start from none)."""
+    import shutil
+
+    from farm.settings import Settings
+
+    for name in [name for name in os.environ if name.startswith("FARM_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(data_dir=tmp_path / "data")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(migrated_sqlite, settings.data_dir / "farm.db")
+    return settings
+
+
+@pytest.fixture
+def embedded_farm(farm_settings) -> Iterator[Any]:
+    """A :class:`farm.Farm` on ``farm_settings`` (no worker: what is submitted stays queued), closed after the test."""
+    from farm.client import Farm
+
+    with Farm(farm_settings) as farm:
+        yield farm
