@@ -1,45 +1,52 @@
-"""Claims on embedded SQLite: each image is rendered and recorded once, whatever the deliveries do."""
+"""Claims on embedded SQLite: each image is rendered and recorded once, whatever the deliveries do.
+
+Each test gets its own database (a copy of the session's migrated one, through ``farm_settings``)
+and submits with the shared request builder (``make_request``).
+"""
 
 from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from farm import db
-
-from farm import lifecycle
-
+from farm import db, lifecycle
 from farm.db.tables import ImageRecord
-from farm.settings import Settings
 from farm.request.spec import check_request
+from farm.settings import Settings
 
 LEASE = 30.0
 TINY_LEASE = 0.05
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path, max_batch_size=8)
+def settings(farm_settings: Settings) -> Settings:
+    return Settings(data_dir=farm_settings.data_dir, max_batch_size=8)
 
 
 @pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'lifecycle.db'}")
-    db.upgrade(engine)
+def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    engine = db.make_engine(settings.database)
+    db.ensure_schema(engine, auto_upgrade=False)  # at head already
     yield db.make_sessionmaker(engine)
     engine.dispose()
 
 
-def _submit(sessions: sessionmaker[Session], settings: Settings, num_images: int = 3, **fields) -> tuple[str, list[str]]:
-    specs = check_request({"prompt": "a red cube", "num_images": num_images, "seed": 1, **fields}, settings).images
-    submission_id, batches = lifecycle.record(sessions, specs, num_requests=1, settings=settings)
-    return submission_id, [image_id for batch in batches for image_id in batch.image_ids]
+@pytest.fixture
+def submit(sessions, settings, make_request) -> Callable[..., tuple[str, list[str]]]:
+    """``submit(num_images=3, **fields)``: record a request (seeds 1, 2, …) as the client does;
+    returns the submission id and the image ids in order."""
+
+    def submit(num_images: int = 3, **fields) -> tuple[str, list[str]]:
+        specs = check_request(make_request(num_images=num_images, **fields), settings).images
+        submission_id, batches = lifecycle.record(sessions, specs, num_requests=1, settings=settings)
+        return submission_id, [image_id for batch in batches for image_id in batch.image_ids]
+
+    return submit
 
 
 def _rows(sessions: sessionmaker[Session], ids: list[str]) -> list[ImageRecord]:
@@ -52,8 +59,8 @@ def _claim(sessions, ids, *, worker="w1", lease=LEASE, max_attempts=3) -> lifecy
     return lifecycle.claim(sessions, ids, worker=worker, lease_seconds=lease, max_attempts=max_attempts)
 
 
-def test_claim_takes_queued_images(sessions, settings) -> None:
-    _, ids = _submit(sessions, settings)
+def test_claim_takes_queued_images(sessions, submit) -> None:
+    _, ids = submit()
     got = _claim(sessions, ids, worker="gpu0@a")
     assert [image.id for image in got.images] == ids  # in submission order
     assert got.held_elsewhere == [] and got.given_up == []
@@ -69,8 +76,8 @@ def test_claim_takes_queued_images(sessions, settings) -> None:
     assert sorted(image.seed for image in got.images) == [1, 2, 3]
 
 
-def test_second_claim_gets_nothing_and_knows_how_long_to_wait(sessions, settings) -> None:
-    _, ids = _submit(sessions, settings)
+def test_second_claim_gets_nothing_and_knows_how_long_to_wait(sessions, submit) -> None:
+    _, ids = submit()
     first = _claim(sessions, ids, worker="w1")
     second = _claim(sessions, ids, worker="w2")
     assert second.images == []
@@ -82,8 +89,8 @@ def test_second_claim_gets_nothing_and_knows_how_long_to_wait(sessions, settings
     assert {row.attempts for row in _rows(sessions, ids)} == {1}
 
 
-def test_racing_claims_never_share_an_image(sessions, settings) -> None:
-    _, ids = _submit(sessions, settings, num_images=8)
+def test_racing_claims_never_share_an_image(sessions, submit) -> None:
+    _, ids = submit(num_images=8)
     results: list[lifecycle.Claim] = []
     barrier = threading.Barrier(4)
 
@@ -101,8 +108,8 @@ def test_racing_claims_never_share_an_image(sessions, settings) -> None:
     assert {row.attempts for row in _rows(sessions, ids)} == {1}
 
 
-def test_expired_lease_is_taken_over(sessions, settings) -> None:
-    _, ids = _submit(sessions, settings)
+def test_expired_lease_is_taken_over(sessions, submit) -> None:
+    _, ids = submit()
     dead = _claim(sessions, ids, worker="dead", lease=TINY_LEASE)
     time.sleep(TINY_LEASE * 3)
     alive = _claim(sessions, ids, worker="alive")
@@ -129,16 +136,16 @@ def test_expired_lease_is_taken_over(sessions, settings) -> None:
     assert row.lease_expires_at is None and row.finished_at is not None
 
 
-def test_live_lease_is_not_taken_over(sessions, settings) -> None:
-    _, ids = _submit(sessions, settings)
+def test_live_lease_is_not_taken_over(sessions, submit) -> None:
+    _, ids = submit()
     first = _claim(sessions, ids, lease=TINY_LEASE)
     lifecycle.heartbeat(sessions, first.token, LEASE)  # renewed before it ran out
     time.sleep(TINY_LEASE * 3)
     assert _claim(sessions, ids, worker="w2").images == []
 
 
-def test_record_success_twice_records_once(sessions, settings) -> None:
-    _, ids = _submit(sessions, settings, num_images=1)
+def test_record_success_twice_records_once(sessions, submit) -> None:
+    _, ids = submit(num_images=1)
     got = _claim(sessions, ids)
     assert lifecycle.record_success(sessions, got.token, ids[0], storage_key="images/a.png") is True
     finished_at = _rows(sessions, ids)[0].finished_at
@@ -150,8 +157,8 @@ def test_record_success_twice_records_once(sessions, settings) -> None:
     assert _claim(sessions, ids, worker="w2").images == []
 
 
-def test_heartbeat_renews_and_counts_held_images(sessions, settings) -> None:
-    _, ids = _submit(sessions, settings)
+def test_heartbeat_renews_and_counts_held_images(sessions, submit) -> None:
+    _, ids = submit()
     got = _claim(sessions, ids, lease=5)
     before = _rows(sessions, ids)[0].lease_expires_at
     assert lifecycle.heartbeat(sessions, got.token, LEASE) == 3
@@ -161,8 +168,8 @@ def test_heartbeat_renews_and_counts_held_images(sessions, settings) -> None:
     assert lifecycle.heartbeat(sessions, got.token, LEASE) == 2
 
 
-def test_canceled_images_are_never_claimed(sessions, settings) -> None:
-    submission_id, ids = _submit(sessions, settings)
+def test_canceled_images_are_never_claimed(sessions, submit) -> None:
+    submission_id, ids = submit()
     assert lifecycle.cancel(sessions, ImageRecord.submission_id == submission_id, reason="canceled by the user") == 3
     got = _claim(sessions, ids)
     assert got.images == [] and got.held_elsewhere == []
@@ -170,8 +177,8 @@ def test_canceled_images_are_never_claimed(sessions, settings) -> None:
     assert {row.attempts for row in _rows(sessions, ids)} == {0}
 
 
-def test_cancel_while_running_wins_over_the_worker(sessions, settings) -> None:
-    submission_id, ids = _submit(sessions, settings)
+def test_cancel_while_running_wins_over_the_worker(sessions, submit) -> None:
+    submission_id, ids = submit()
     got = _claim(sessions, ids)
     assert lifecycle.heartbeat(sessions, got.token, LEASE) == 3
     assert lifecycle.cancel(sessions, ImageRecord.submission_id == submission_id, reason="canceled by the user") == 3
@@ -187,8 +194,8 @@ def test_cancel_while_running_wins_over_the_worker(sessions, settings) -> None:
         assert lifecycle.submission_counts(session, submission_id)["canceled"] == 3
 
 
-def test_cancel_keeps_finished_images(sessions, settings) -> None:
-    submission_id, ids = _submit(sessions, settings)
+def test_cancel_keeps_finished_images(sessions, submit) -> None:
+    submission_id, ids = submit()
     got = _claim(sessions, ids)
     lifecycle.record_success(sessions, got.token, ids[0], storage_key="images/done.png")
     assert lifecycle.cancel(sessions, ImageRecord.submission_id == submission_id, reason="canceled by the user") == 2
@@ -196,8 +203,8 @@ def test_cancel_keeps_finished_images(sessions, settings) -> None:
     assert lifecycle.heartbeat(sessions, got.token, LEASE) == 0
 
 
-def test_release_requeues_without_counting_the_attempt(sessions, settings) -> None:
-    _, ids = _submit(sessions, settings)
+def test_release_requeues_without_counting_the_attempt(sessions, submit) -> None:
+    _, ids = submit()
     got = _claim(sessions, ids)
     lifecycle.record_success(sessions, got.token, ids[0], storage_key="images/done.png")
     assert lifecycle.release(sessions, got.token, note="storage unreachable") == 2
@@ -214,8 +221,8 @@ def test_release_requeues_without_counting_the_attempt(sessions, settings) -> No
     assert lifecycle.record_success(sessions, got.token, ids[1], storage_key="images/old.png") is False
 
 
-def test_release_of_some_images_leaves_the_rest_of_the_claim_rendering(sessions, settings) -> None:
-    _, ids = _submit(sessions, settings, num_images=4)
+def test_release_of_some_images_leaves_the_rest_of_the_claim_rendering(sessions, submit) -> None:
+    _, ids = submit(num_images=4)
     got = _claim(sessions, ids)
     assert lifecycle.release(sessions, got.token, note="upload failed", image_ids=ids[:2]) == 2
     assert [row.status for row in _rows(sessions, ids)] == ["queued", "queued", "running", "running"]
@@ -223,8 +230,8 @@ def test_release_of_some_images_leaves_the_rest_of_the_claim_rendering(sessions,
     assert lifecycle.heartbeat(sessions, got.token, LEASE) == 1
 
 
-def test_record_failure_marks_failed_with_the_error(sessions, settings) -> None:
-    _, ids = _submit(sessions, settings)
+def test_record_failure_marks_failed_with_the_error(sessions, submit) -> None:
+    _, ids = submit()
     got = _claim(sessions, ids)
     assert lifecycle.record_failure(sessions, got.token, ids[:2], "CUDA out of memory") == 2
     rows = _rows(sessions, ids)
@@ -232,8 +239,8 @@ def test_record_failure_marks_failed_with_the_error(sessions, settings) -> None:
     assert rows[0].error == "CUDA out of memory"
 
 
-def test_too_many_attempts_gives_up(sessions, settings) -> None:
-    _, ids = _submit(sessions, settings, num_images=2)
+def test_too_many_attempts_gives_up(sessions, submit) -> None:
+    _, ids = submit(num_images=2)
     for attempt in range(1, 4):  # each worker dies holding the images
         got = _claim(sessions, ids, worker=f"w{attempt}", lease=TINY_LEASE, max_attempts=3)
         assert len(got.images) == 2 and got.given_up == []
@@ -248,11 +255,11 @@ def test_too_many_attempts_gives_up(sessions, settings) -> None:
     assert _claim(sessions, ids, worker="w5", max_attempts=3).images == []
 
 
-def test_take_back_expired_requeues_only_expired_once(sessions, settings) -> None:
-    _, dead_ids = _submit(sessions, settings, num_images=3)
-    _, other_dead = _submit(sessions, settings, num_images=2, model=None, steps=10)
-    _, live_ids = _submit(sessions, settings, num_images=2)
-    _, queued_ids = _submit(sessions, settings, num_images=1)
+def test_take_back_expired_requeues_only_expired_once(sessions, submit) -> None:
+    _, dead_ids = submit(num_images=3)
+    _, other_dead = submit(num_images=2, model=None, steps=10)
+    _, live_ids = submit(num_images=2)
+    _, queued_ids = submit(num_images=1)
 
     dead = _claim(sessions, dead_ids, lease=TINY_LEASE)
     _claim(sessions, other_dead, lease=TINY_LEASE)
@@ -278,8 +285,8 @@ def test_take_back_expired_requeues_only_expired_once(sessions, settings) -> Non
     assert {row.attempts for row in _rows(sessions, dead_ids)} == {2}
 
 
-def test_take_back_expired_respects_grace(sessions, settings) -> None:
-    _, ids = _submit(sessions, settings)
+def test_take_back_expired_respects_grace(sessions, submit) -> None:
+    _, ids = submit()
     _claim(sessions, ids, lease=TINY_LEASE)
     time.sleep(TINY_LEASE * 3)
     assert lifecycle.take_back_expired(sessions, grace_seconds=60) == []
@@ -287,8 +294,8 @@ def test_take_back_expired_respects_grace(sessions, settings) -> None:
     assert len(lifecycle.take_back_expired(sessions)) == 3
 
 
-def test_images_that_could_not_be_stored_fail_after_max_attempts_with_the_reason(sessions, settings) -> None:
-    _, ids = _submit(sessions, settings, num_images=1)
+def test_images_that_could_not_be_stored_fail_after_max_attempts_with_the_reason(sessions, submit) -> None:
+    _, ids = submit(num_images=1)
     note = "queued again after StorageError: S3 put failed: AccessDenied"
     for worker in ("w1", "w2", "w3"):
         got = _claim(sessions, ids, worker=worker, max_attempts=3)
