@@ -153,3 +153,44 @@ def test_gives_up_after_its_retries() -> None:
         with pytest.raises(StorageError, match="SlowDown"):
             uploader.drain()
     assert storage.tries["a"] == 2 and "a" not in storage.stored
+
+
+class DeadlineStorage(SlowStorage):
+    """Always unavailable; records the caller's deadline (farm.storage.base.time_limit) each put sees."""
+
+    def __init__(self):
+        super().__init__(delay=0)
+        self.deadlines: list[float | None] = []
+
+    def put(self, key, data, *, content_type, metadata=None):
+        from farm.storage.base import StorageUnavailable, current_deadline
+
+        self.deadlines.append(current_deadline())
+        raise StorageUnavailable("S3 put failed: ReadTimeoutError")
+
+
+def test_one_put_with_its_retries_ends_within_put_timeout() -> None:
+    from farm.storage.base import StorageUnavailable
+
+    storage = DeadlineStorage()
+    uploader = Uploader(storage, workers=1, retries=100, backoff=lambda attempt: 0.2, put_timeout=0.7)
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailable):
+        uploader.store("a", b"x", "image/png")
+    took = time.monotonic() - started
+    assert 0.3 < took < 0.9  # a few retries, none started past the deadline
+    assert 2 <= len(storage.deadlines) <= 4
+    # the storage backend sees the same absolute deadline on every attempt (S3Storage bounds its own attempts by it)
+    assert len(set(storage.deadlines)) == 1 and abs(storage.deadlines[0] - (started + 0.7)) < 0.1
+    uploader.close()
+
+
+def test_make_and_store_are_the_two_halves_of_an_item() -> None:
+    storage = SlowStorage(delay=0)
+    uploader = Uploader(storage, workers=1)
+    body = uploader.make(lambda: b"png")
+    uploader.store("k", body, "image/png", {"farm-seed": "1"})
+    assert storage.stored["k"] == (b"png", "image/png", {"farm-seed": "1"})
+    assert uploader.uploaded == 1
+    assert uploader.run(lambda a, b: a + b, 2, 3).result(timeout=5) == 5
+    uploader.close()

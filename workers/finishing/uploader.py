@@ -6,6 +6,14 @@ resolves to the key once the object is stored; :meth:`Uploader.drain` waits for 
 submitted so far and raises the first error (in submit order) after all of them finished.
 With ``retries=N`` a put that raises :class:`~farm.errors.StorageError` is tried again up to N times,
 ``backoff(attempt)`` seconds apart, with the bytes already made (a PNG is encoded once).
+With ``put_timeout=S`` one object's put, retries included, ends within about S seconds: no retry
+starts after it, and the storage backend starts no attempt it could not finish by then
+(:func:`farm.storage.base.time_limit`; S3 attempts are bounded by their connect/read timeouts).
+
+:meth:`Uploader.make` and :meth:`Uploader.store` are the two halves of an item (make the bytes; put
+them with retries, within ``put_timeout``), for callers that decide between them (the
+:class:`~workers.finishing.finisher.Finisher` spools bytes that storage cannot take now);
+:meth:`Uploader.run` runs such a job on the pool.
 
 Threads fit: PNG compression (zlib) and socket I/O release the GIL, and the storage backends are
 thread-safe (one boto3 client per :class:`farm.storage.s3.S3Storage`; :class:`farm.storage.FileStorage`
@@ -24,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Mapping
 
 from farm.errors import StorageError
+from farm.storage.base import time_limit
 
 #: ``on_done(key, error)``: called once per submitted item, in a pool thread, ``error`` None on success.
 DoneCallback = Callable[[str, "BaseException | None"], None]
@@ -39,15 +48,20 @@ class Uploader:
         *,
         retries: int = 0,
         backoff: Callable[[int], float] = lambda attempt: min(30.0, 2.0**attempt),
+        put_timeout: float | None = None,
     ):
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         if retries < 0:
             raise ValueError(f"retries must be at least 0, got {retries}")
+        if put_timeout is not None and put_timeout <= 0:
+            raise ValueError(f"put_timeout must be positive, got {put_timeout}")
         self.storage = storage
         self.workers = workers
         self.retries = retries
         self.backoff = backoff
+        #: Seconds one object's put may take, retries included (None: no limit).
+        self.put_timeout = put_timeout
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="farm-upload")
         self._lock = threading.Lock()
         self._pending: list[Future] = []
@@ -83,18 +97,37 @@ class Uploader:
             self._pending.append(future)
         return future
 
+    def run(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run ``fn(*args)`` on the pool (a job that calls :meth:`make` and :meth:`store` itself).
+
+        Not tracked by :meth:`drain`: the caller keeps its own account. :meth:`close` waits for it."""
+        return self._pool.submit(fn, *args)
+
+    def make(self, data: bytes | Callable[[], bytes]) -> bytes:
+        """The bytes of ``data`` (calling it if it is a callable), timed into ``encode_seconds``."""
+        started = time.perf_counter()
+        body = data() if callable(data) else data
+        with self._lock:
+            self.encode_seconds += time.perf_counter() - started
+        return body
+
+    def store(self, key: str, body: bytes, content_type: str, metadata: Mapping[str, str] | None = None) -> None:
+        """Put ``body`` at ``key``, tried ``retries`` more times on StorageError, within ``put_timeout``.
+
+        Safe from any thread. Raises the last error (a :class:`~farm.storage.base.StorageUnavailable`
+        when storage did not answer)."""
+        started = time.perf_counter()
+        with time_limit(self.put_timeout) as deadline:
+            self._put(key, body, content_type, dict(metadata or {}), deadline)
+        with self._lock:
+            self.upload_seconds += time.perf_counter() - started
+            self.uploaded += 1
+
     def _one(self, key, data, content_type, metadata, on_done) -> str:
         error: BaseException | None = None
         try:
-            started = time.perf_counter()
-            body = data() if callable(data) else data
-            encoded = time.perf_counter()
-            self._put(key, body, content_type, metadata)
-            stored = time.perf_counter()
-            with self._lock:
-                self.encode_seconds += encoded - started
-                self.upload_seconds += stored - encoded
-                self.uploaded += 1
+            body = self.make(data)
+            self.store(key, body, content_type, metadata)
         except BaseException as exc:  # handed to the caller through the future
             error = exc
         if on_done is not None:
@@ -103,17 +136,18 @@ class Uploader:
             raise error
         return key
 
-    def _put(self, key, body, content_type, metadata) -> None:
+    def _put(self, key, body, content_type, metadata, deadline: float | None) -> None:
         for attempt in range(self.retries + 1):
             try:
                 self.storage.put(key, body, content_type=content_type, metadata=metadata)
                 return
             except StorageError:
-                if attempt == self.retries:
+                pause = self.backoff(attempt)
+                if attempt == self.retries or (deadline is not None and time.monotonic() + pause >= deadline):
                     raise
                 with self._lock:
                     self.retried += 1
-                time.sleep(self.backoff(attempt))
+                time.sleep(pause)
 
     def drain(self) -> list[str]:
         """Wait for every item submitted so far; return their keys in submit order.
