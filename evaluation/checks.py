@@ -32,12 +32,15 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image
 
 from farm.settings import shipped_model
+
+if TYPE_CHECKING:
+    from farm.catalogue import ModelDefaults
 
 # re-exported, so that every public name stays importable from evaluation.checks
 from evaluation.image_analysis import (  # noqa: F401
@@ -56,13 +59,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = shipped_model("shapes")
 
 
-def model_defaults(path: Path | str = DEFAULT_MODEL) -> dict[str, Any]:
-    """The model's ``farm.json`` (default guidance, steps, size, scheduler), with fallbacks."""
-    defaults = {"default_guidance_scale": 5.0, "default_steps": 20, "width": 64, "height": 64, "scheduler": "dpmpp_2m"}
-    f = Path(path) / "farm.json"
-    if f.is_file():
-        defaults.update(json.loads(f.read_text()))
-    return defaults
+def model_defaults(path: Path | str = DEFAULT_MODEL) -> "ModelDefaults":
+    """How the model at ``path`` renders by default, as the farm decides it (``farm.catalogue``:
+    its ``farm.json``, then the settings)."""
+    from farm.catalogue import Catalogue
+    from farm.settings import Settings
+
+    settings = Settings(models={"evaluated": str(path)}, default_model="evaluated")
+    return Catalogue(settings).defaults("evaluated")
 
 
 _LOADED: dict[str, Any] = {}
@@ -103,9 +107,9 @@ def image_spec(
     d = model_defaults(model.path)
     return ImageSpec(
         prompt=prompt, negative_prompt=negative_prompt, seed=int(seed),
-        steps=d["default_steps"] if steps is None else steps,
-        guidance_scale=float(d["default_guidance_scale"] if guidance_scale is None else guidance_scale),
-        width=d["width"], height=d["height"], scheduler=scheduler or d["scheduler"], model=model.name, **fields,
+        steps=d.steps if steps is None else steps,
+        guidance_scale=float(d.guidance_scale if guidance_scale is None else guidance_scale),
+        width=d.width, height=d.height, scheduler=scheduler or d.scheduler, model=model.name, **fields,
     )
 
 
@@ -201,11 +205,11 @@ def evaluate(
     result.update(
         images=len(items),
         held_out_combos=len(split()[1]),
-        guidance_scale=d["default_guidance_scale"] if guidance_scale is None else guidance_scale,
-        steps=d["default_steps"] if steps is None else steps,
-        scheduler=d["scheduler"],
-        width=d["width"],
-        height=d["height"],
+        guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
+        steps=d.steps if steps is None else steps,
+        scheduler=d.scheduler,
+        width=d.width,
+        height=d.height,
         seconds=round(seconds, 2),
         model=str(model.path),
     )
@@ -246,7 +250,7 @@ def check_guidance(model, *, n: int = 8, low: float = 1.0, margin: float = 0.04,
     """
     items = check_set(n)
     combos, prompts, seeds = zip(*items)
-    default = model_defaults(model.path)["default_guidance_scale"]
+    default = model_defaults(model.path).guidance_scale
     hi_images = render(model, prompts, seeds, steps=steps)
     lo_images = render(model, prompts, seeds, guidance_scale=low, steps=steps)
     acc_hi, acc_lo = adherence(combos, hi_images), adherence(combos, lo_images)

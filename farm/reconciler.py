@@ -45,7 +45,8 @@ __all__ = ["Reconciler", "Round"]
 
 log = logging.getLogger("farm.reconciler")
 
-LEASE_NAME = "reconciler"
+#: The lease row's name: one leader per farm (its queue prefix) in a database.
+LEASE_PREFIX = "reconciler:"
 
 
 @dataclass
@@ -79,7 +80,11 @@ class Reconciler:
         self.settings = services.settings
         self.holder = holder or f"{socket.gethostname()}/{os.getpid()}"
         self.broker = BrokerState(self.settings)
+        self.lease_name = f"{LEASE_PREFIX}{self.settings.queue_prefix}"[:64]
         self._last_deep = float("-inf")
+        #: When a round last failed (an outage): leases that ran out during it are given one more
+        #: lease to be renewed by their live workers before they are taken back.
+        self._last_failure = float("-inf")
 
     # -- one round ------------------------------------------------------------------------------
     def run_once(self, *, deep: bool | None = None) -> Round:
@@ -91,7 +96,10 @@ class Reconciler:
         result.leader = True
         services, settings = self.services, self.settings
         try:
-            taken = lifecycle.take_back_expired(services.sessions)
+            recovering = time.monotonic() - self._last_failure < settings.claim_lease_seconds
+            taken = lifecycle.take_back_expired(
+                services.sessions, grace_seconds=settings.claim_lease_seconds if recovering else 0.0
+            )
             result.taken_back = len(taken)
             if taken:  # if this publish fails, the images stay marked: the outbox step sends them later
                 publish_images(services.sessions, services.celery, settings, taken, origin="(lease expired)")
@@ -112,6 +120,8 @@ class Reconciler:
                 self._last_deep = time.monotonic()
         except Exception as exc:  # noqa: BLE001
             result.errors.append(f"broker check: {_describe(exc)}")
+        if result.errors:
+            self._last_failure = time.monotonic()
         return result
 
     def _republish_lost(self) -> int:
@@ -158,16 +168,16 @@ class Reconciler:
                 renewed = session.execute(
                     update(LeaseRecord)
                     .where(
-                        LeaseRecord.name == LEASE_NAME,
+                        LeaseRecord.name == self.lease_name,
                         or_(LeaseRecord.holder == self.holder, LeaseRecord.expires_at < now),
                     )
                     .values(holder=self.holder, expires_at=until)
                 ).rowcount
                 if renewed:
                     return True
-                if session.get(LeaseRecord, LEASE_NAME) is not None:
+                if session.get(LeaseRecord, self.lease_name) is not None:
                     return False
-                session.add(LeaseRecord(name=LEASE_NAME, holder=self.holder, expires_at=until))
+                session.add(LeaseRecord(name=self.lease_name, holder=self.holder, expires_at=until))
             return True
         except IntegrityError:  # another one inserted it first
             return False
@@ -178,7 +188,7 @@ class Reconciler:
             with self.services.sessions.begin() as session:
                 session.execute(
                     update(LeaseRecord)
-                    .where(LeaseRecord.name == LEASE_NAME, LeaseRecord.holder == self.holder)
+                    .where(LeaseRecord.name == self.lease_name, LeaseRecord.holder == self.holder)
                     .values(expires_at=utcnow())
                 )
         except Exception:  # noqa: BLE001 - the lease runs out by itself
@@ -201,6 +211,7 @@ class Reconciler:
                     log.warning("reconciler: database and broker answer again")
                 failing = bool(result.errors)
             except Exception as exc:  # noqa: BLE001 - e.g. the database away while taking the lease
+                self._last_failure = time.monotonic()
                 if not failing:
                     log.warning("reconciler: %s (retrying every %.0f s)", _describe(exc), self.settings.reconcile_interval)
                 failing = True

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from farm.errors import InputError, FarmError
+from farm.errors import InputError
 from farm.storage import Storage, atomic_write
 
 

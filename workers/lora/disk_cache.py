@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from farm.errors import LoraError, FarmError
+from farm.errors import LoraError
 from farm.storage import MissingObject, atomic_write
 
 log = logging.getLogger(__name__)
