@@ -1,5 +1,9 @@
 """workers.tasks.run_render past the claim, with the database and the GPU faked: chunks, out-of-memory,
-hand-off to the finisher, images given back when they cannot be stored."""
+hand-off to the finisher, images given back when they cannot be stored.
+
+Storage is the shared in-memory fake (``memory_storage``: ``delay`` slows its puts, keys in ``fail``
+always fail as a throttled S3 would); the images are the shared ``make_spec`` at 64 px.
+"""
 
 from __future__ import annotations
 
@@ -8,36 +12,20 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Callable
 
 import pytest
 import torch
 from PIL import Image
 
 from farm import lifecycle
-from farm.errors import ConfigError, StorageError
+from farm.errors import ConfigError
 from farm.storage.keys import image_key
 from farm.imaging.pnginfo import read_png_metadata
 from farm.settings import Settings
-from farm.request.spec import ImageSpec
-from farm.storage import FileStorage
 from workers import tasks
 from workers.context import WorkerContext
 from workers.diffusion.render import BatchResult, Rendered
-
-
-class SlowFailingStorage(FileStorage):
-    """File storage whose puts take ``delay`` s; keys listed in ``fail`` always fail."""
-
-    def __init__(self, root, *, delay: float = 0.0, fail: set[str] | None = None):
-        super().__init__(root)
-        self.delay = delay
-        self.fail = fail or set()
-
-    def put(self, key, data, **kwargs):
-        time.sleep(self.delay)
-        if key in self.fail:
-            raise StorageError(f"S3 put failed: SlowDown ({key})")
-        super().put(key, data, **kwargs)
 
 
 @dataclass
@@ -58,69 +46,73 @@ class Run:
         return image_key(image.submission_id, image.id)
 
 
-def run_task(
-    monkeypatch, tmp_path, storage, n: int = 4, *, oom_above: int | None = None, unstorable: int | None = None, **settings
-) -> Run:
-    run = Run()
-    specs = [
-        ImageSpec(prompt="a cat", negative_prompt="", seed=s, steps=4, guidance_scale=7.5, width=64, height=64,
-                  scheduler="dpmpp_2m", model="tiny")
-        for s in range(n)
-    ]
-    run.images = [SimpleNamespace(id=uuid.uuid4().hex, submission_id=uuid.uuid4().hex, params=s.params()) for s in specs]
-    if unstorable is not None:
-        storage.fail.add(run.key(unstorable))
-    lock = threading.Lock()
+@pytest.fixture
+def run_task(monkeypatch, tmp_path, memory_storage, make_spec) -> Callable[..., Run]:
+    """``run_task(n=4, *, oom_above=None, unstorable=None, **settings)``: one render task of ``n`` images
+    (seeds 0…n-1) storing into ``memory_storage``; chunks of more than ``oom_above`` images run out of
+    memory, image number ``unstorable`` cannot be stored."""
 
-    def record_success(sessions, token, image_id, *, storage_key, **values):
-        with lock:
-            run.recorded[image_id] = (storage.exists(storage_key), values)  # uploaded before the record?
-        return True
+    def run_task(n: int = 4, *, oom_above: int | None = None, unstorable: int | None = None, **settings) -> Run:
+        storage = memory_storage
+        run = Run()
+        specs = [make_spec(prompt="a cat", seed=s) for s in range(n)]
+        run.images = [SimpleNamespace(id=uuid.uuid4().hex, submission_id=uuid.uuid4().hex, params=s.params()) for s in specs]
+        if unstorable is not None:
+            storage.fail.add(run.key(unstorable))
+        lock = threading.Lock()
 
-    def record_failure(sessions, token, image_ids, error):
-        run.failed.update({i: error for i in image_ids})
-        return len(image_ids)
+        def record_success(sessions, token, image_id, *, storage_key, **values):
+            with lock:
+                run.recorded[image_id] = (storage.exists(storage_key), values)  # uploaded before the record?
+            return True
 
-    def release(sessions, token, *, note=None, image_ids=None, count_attempt=False):
-        run.released.append((image_ids, note, count_attempt))
-        return len(image_ids or [])
+        def record_failure(sessions, token, image_ids, error):
+            run.failed.update({i: error for i in image_ids})
+            return len(image_ids)
 
-    def render(task, ctx, claim, image_ids, chunk_specs, conditions):
-        if oom_above is not None and len(chunk_specs) > oom_above:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        run.chunks.append(len(chunk_specs))
-        images = [Rendered(image=Image.new("RGB", (64, 64), (s.seed * 40, 0, 0)), prompt_tokens=2, prompt_truncated=False)
-                  for s in chunk_specs]
-        return BatchResult(images=images, seconds=0.5 * len(chunk_specs), interrupted=False)
+        def release(sessions, token, *, note=None, image_ids=None, count_attempt=False):
+            run.released.append((image_ids, note, count_attempt))
+            return len(image_ids or [])
 
-    monkeypatch.setattr(lifecycle, "claim", lambda *a, **k: lifecycle.Claim(token="t", images=run.images))
-    monkeypatch.setattr(lifecycle, "record_success", record_success)
-    monkeypatch.setattr(lifecycle, "record_failure", record_failure)
-    monkeypatch.setattr(lifecycle, "release", release)
-    monkeypatch.setattr(lifecycle, "heartbeat", lambda *a, **k: 1)
-    monkeypatch.setattr(tasks, "_fetch_inputs", lambda ctx, claim, specs: (run.images, specs, [None] * len(specs)))
-    monkeypatch.setattr(tasks, "_activate_loras", lambda ctx, loras: [])
-    monkeypatch.setattr(tasks, "_render", render)
+        def render(task, ctx, claim, image_ids, chunk_specs, conditions):
+            if oom_above is not None and len(chunk_specs) > oom_above:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            run.chunks.append(len(chunk_specs))
+            images = [Rendered(image=Image.new("RGB", (64, 64), (s.seed * 40, 0, 0)), prompt_tokens=2, prompt_truncated=False)
+                      for s in chunk_specs]
+            return BatchResult(images=images, seconds=0.5 * len(chunk_specs), interrupted=False)
 
-    options = {"upload_retries": 0, **settings}
-    ctx = WorkerContext(settings=Settings(data_dir=tmp_path, **options), model_name="tiny", device="cpu")
-    ctx._storage = storage
-    ctx._sessions = object()
-    ctx._model = SimpleNamespace(hash="abcdef1234", path="/models/tiny")
-    task = SimpleNamespace(request=SimpleNamespace(hostname="h", retries=0, id="task-1"), app=object())
-    monkeypatch.setattr(
-        tasks, "publish_images",
-        lambda sessions, app, settings, image_ids, **kwargs: run.republished.append({"image_ids": list(image_ids), **kwargs}),
-    )
-    run.ctx = ctx
-    run.outcome = tasks.run_render(task, ctx, [i.id for i in run.images], "tiny")
-    return run
+        monkeypatch.setattr(lifecycle, "claim", lambda *a, **k: lifecycle.Claim(token="t", images=run.images))
+        monkeypatch.setattr(lifecycle, "record_success", record_success)
+        monkeypatch.setattr(lifecycle, "record_failure", record_failure)
+        monkeypatch.setattr(lifecycle, "release", release)
+        monkeypatch.setattr(lifecycle, "heartbeat", lambda *a, **k: 1)
+        monkeypatch.setattr(tasks, "_fetch_inputs", lambda ctx, claim, specs: (run.images, specs, [None] * len(specs)))
+        monkeypatch.setattr(tasks, "_activate_loras", lambda ctx, loras: [])
+        monkeypatch.setattr(tasks, "_render", render)
+
+        options = {"upload_retries": 0, **settings}
+        ctx = WorkerContext(settings=Settings(data_dir=tmp_path, **options), model_name="tiny", device="cpu")
+        ctx._storage = storage
+        ctx._sessions = object()
+        ctx._model = SimpleNamespace(hash="abcdef1234", path="/models/tiny")
+        task = SimpleNamespace(request=SimpleNamespace(hostname="h", retries=0, id="task-1"), app=object())
+        monkeypatch.setattr(
+            tasks, "publish_images",
+            lambda sessions, app, settings, image_ids, **kwargs: run.republished.append({"image_ids": list(image_ids), **kwargs}),
+        )
+        run.ctx = ctx
+        run.outcome = tasks.run_render(task, ctx, [i.id for i in run.images], "tiny")
+        return run
+
+    return run_task
 
 
-def test_the_task_returns_before_its_uploads_and_each_image_is_recorded_after_its_upload(monkeypatch, tmp_path) -> None:
-    storage = SlowFailingStorage(tmp_path / "store", delay=0.3)
+def test_the_task_returns_before_its_uploads_and_each_image_is_recorded_after_its_upload(run_task, memory_storage) -> None:
+    storage = memory_storage
+    storage.delay = 0.3
     started = time.perf_counter()
-    run = run_task(monkeypatch, tmp_path, storage)
+    run = run_task()
     assert time.perf_counter() - started < 0.3  # acked while the PNGs upload: the next task renders
     assert run.outcome == {"rendered": 4, "seconds": 2.0, "chunks": 1}
     assert run.ctx.finisher.wait(timeout=10)
@@ -133,41 +125,38 @@ def test_the_task_returns_before_its_uploads_and_each_image_is_recorded_after_it
     assert values["gpu_seconds"] == 0.5 and values["info"]["batch_size"] == 4
 
 
-def test_without_overlap_the_task_returns_once_its_images_are_recorded(monkeypatch, tmp_path) -> None:
-    storage = SlowFailingStorage(tmp_path / "store", delay=0.1)
-    run = run_task(monkeypatch, tmp_path, storage, render_overlap_tasks=False)
+def test_without_overlap_the_task_returns_once_its_images_are_recorded(run_task, memory_storage) -> None:
+    memory_storage.delay = 0.1
+    run = run_task(render_overlap_tasks=False)
     assert run.outcome == {"rendered": 4, "seconds": 2.0, "chunks": 1, "recorded": 4, "queued_again": 0}
     assert len(run.recorded) == 4
 
 
-def test_a_task_renders_in_the_chunks_set_for_its_size(monkeypatch, tmp_path) -> None:
-    storage = FileStorage(tmp_path / "store")
-    run = run_task(monkeypatch, tmp_path, storage, n=8, max_batch_size=8, render_batch_sizes="64x64=3,512x512=8")
+def test_a_task_renders_in_the_chunks_set_for_its_size(run_task) -> None:
+    run = run_task(n=8, max_batch_size=8, render_batch_sizes="64x64=3,512x512=8")
     run.ctx.finisher.wait(timeout=10)
     assert run.chunks == [3, 3, 2]
     assert run.outcome["chunks"] == 3 and run.outcome["rendered"] == 8
     assert sorted(v["info"]["batch_size"] for _, v in run.recorded.values()) == [2, 2, 3, 3, 3, 3, 3, 3]
 
 
-def test_out_of_memory_halves_the_chunk_and_the_worker_remembers_it(monkeypatch, tmp_path) -> None:
-    storage = FileStorage(tmp_path / "store")
-    run = run_task(monkeypatch, tmp_path, storage, n=8, max_batch_size=8, oom_above=2)
+def test_out_of_memory_halves_the_chunk_and_the_worker_remembers_it(run_task) -> None:
+    run = run_task(n=8, max_batch_size=8, oom_above=2)
     run.ctx.finisher.wait(timeout=10)
     assert run.chunks == [2, 2, 2, 2]  # 8 and 4 ran out of memory; nothing failed
     assert len(run.recorded) == 8 and not run.failed
     assert run.ctx.batch_plan.as_dict() == {"64x64": 2}
 
 
-def test_out_of_memory_at_one_image_fails_the_images_with_the_reason(monkeypatch, tmp_path) -> None:
-    storage = FileStorage(tmp_path / "store")
-    run = run_task(monkeypatch, tmp_path, storage, n=3, oom_above=0)
+def test_out_of_memory_at_one_image_fails_the_images_with_the_reason(run_task) -> None:
+    run = run_task(n=3, oom_above=0)
     assert run.outcome == {"rendered": 0, "failed": 3, "chunks": 0}
     assert len(run.failed) == 3 and all("OutOfMemoryError" in e and "out of memory" in e for e in run.failed.values())
 
 
-def test_images_that_cannot_be_stored_are_queued_again_without_an_attempt(monkeypatch, tmp_path) -> None:
-    storage = SlowFailingStorage(tmp_path / "store")
-    run = run_task(monkeypatch, tmp_path, storage, unstorable=1, render_overlap_tasks=False, upload_retries=1)
+def test_images_that_cannot_be_stored_are_queued_again_without_an_attempt(run_task, memory_storage) -> None:
+    storage = memory_storage
+    run = run_task(unstorable=1, render_overlap_tasks=False, upload_retries=1)
     bad = run.images[1].id
     assert run.outcome["recorded"] == 3 and run.outcome["queued_again"] == 1
     assert bad not in run.recorded and not run.failed and not storage.exists(run.key(1))
