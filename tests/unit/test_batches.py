@@ -1,4 +1,7 @@
-"""plan_batches: images that can share a GPU batch are grouped, in order, in batches of bounded size."""
+"""plan_batches: images that can share a GPU batch are grouped, in order, in batches of bounded size.
+
+Images come from the shared spec builder (``make_spec``: tiny, 64 px, 4 steps, with overrides).
+"""
 
 from __future__ import annotations
 
@@ -12,29 +15,13 @@ from farm.request.spec import ImageSpec
 from farm.dispatch.publish import plan_batches
 
 
-def _spec(**overrides: Any) -> ImageSpec:
-    fields: dict[str, Any] = {
-        "prompt": "a red cube",
-        "negative_prompt": "",
-        "seed": 1,
-        "steps": 25,
-        "guidance_scale": 7.5,
-        "width": 512,
-        "height": 512,
-        "scheduler": "dpmpp_2m",
-        "model": "tiny",
-    }
-    fields.update(overrides)
-    return ImageSpec(**fields)
-
-
 def _pairs(specs: list[ImageSpec]) -> list[tuple[str, ImageSpec]]:
     return [(f"img-{i:04d}", spec) for i, spec in enumerate(specs)]
 
 
-def test_same_batch_key_is_one_batch() -> None:
+def test_same_batch_key_is_one_batch(make_spec) -> None:
     # prompt, negative prompt and seed differ per image and still share a GPU batch
-    specs = [_spec(seed=i, prompt=f"prompt {i}", negative_prompt=f"neg {i}") for i in range(5)]
+    specs = [make_spec(seed=i, prompt=f"prompt {i}", negative_prompt=f"neg {i}") for i in range(5)]
     pairs = _pairs(specs)
     (batch,) = plan_batches(pairs, max_batch_size=8)
     assert batch.image_ids == tuple(image_id for image_id, _ in pairs)
@@ -52,8 +39,8 @@ def test_same_batch_key_is_one_batch() -> None:
         (1, 256, [1]),
     ],
 )
-def test_chunks_never_exceed_max_batch_size(count: int, max_batch_size: int, sizes: list[int]) -> None:
-    pairs = _pairs([_spec(seed=i) for i in range(count)])
+def test_chunks_never_exceed_max_batch_size(make_spec, count: int, max_batch_size: int, sizes: list[int]) -> None:
+    pairs = _pairs([make_spec(seed=i) for i in range(count)])
     batches = plan_batches(pairs, max_batch_size)
     assert [len(batch.image_ids) for batch in batches] == sizes
     # chunks are consecutive runs of the submission order
@@ -72,9 +59,9 @@ def test_chunks_never_exceed_max_batch_size(count: int, max_batch_size: int, siz
         pytest.param({"model": "sd15"}, id="model"),
     ],
 )
-def test_different_batch_key_never_shares_a_batch(difference: dict[str, Any]) -> None:
-    base = _spec(width=512, height=768) if difference == {"width": 768, "height": 512} else _spec()
-    pairs = _pairs([base, _spec(**{**base.params(), **difference, "seed": 2}), base])
+def test_different_batch_key_never_shares_a_batch(make_spec, difference: dict[str, Any]) -> None:
+    base = make_spec(width=512, height=768) if difference == {"width": 768, "height": 512} else make_spec()
+    pairs = _pairs([base, make_spec(**{**base.params(), **difference, "seed": 2}), base])
     batches = plan_batches(pairs, max_batch_size=8)
     assert len(batches) == 2
     by_id = dict(pairs)
@@ -85,8 +72,8 @@ def test_different_batch_key_never_shares_a_batch(difference: dict[str, Any]) ->
     assert sorted(batch.image_ids for batch in batches) == [("img-0000", "img-0002"), ("img-0001",)]
 
 
-def test_submission_order_is_kept_within_a_batch() -> None:
-    a, b = _spec(), _spec(steps=10)
+def test_submission_order_is_kept_within_a_batch(make_spec) -> None:
+    a, b = make_spec(), make_spec(steps=10)
     pairs = _pairs([a, b, a, b, b, a, a])
     batches = plan_batches(pairs, max_batch_size=8)
     assert [batch.image_ids for batch in batches] == [
@@ -95,17 +82,17 @@ def test_submission_order_is_kept_within_a_batch() -> None:
     ]
 
 
-def test_batch_label_describes_the_work() -> None:
-    (batch,) = plan_batches(_pairs([_spec(width=640, height=384, steps=30, scheduler="ddim", guidance_scale=5.0)] * 3), 8)
+def test_batch_label_describes_the_work(make_spec) -> None:
+    (batch,) = plan_batches(_pairs([make_spec(width=640, height=384, steps=30, scheduler="ddim", guidance_scale=5.0)] * 3), 8)
     assert batch.label == "3× 640x384, 30 steps, ddim, cfg 5.0"
 
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("max_batch_size", [1, 3, 8])
-def test_every_image_in_exactly_one_batch(seed: int, max_batch_size: int) -> None:
+def test_every_image_in_exactly_one_batch(make_spec, seed: int, max_batch_size: int) -> None:
     rng = random.Random(seed)
     specs = [
-        _spec(
+        make_spec(
             seed=i,
             model=rng.choice(["tiny", "sd15"]),
             width=rng.choice([512, 768]),
