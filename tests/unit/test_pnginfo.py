@@ -4,28 +4,37 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 from PIL import Image
 from sd_parsers import ParserManager
 
 from farm.imaging.pnginfo import a1111_parameters, encode_png, read_png_metadata
+from farm.request.spec import ImageSpec
 from farm.request.schedulers import SCHEDULERS
 
 
-def _params(**overrides: Any) -> dict[str, Any]:
-    params = {
-        "prompt": "a red cube on a wooden table, studio light",
-        "negative_prompt": "blurry, low quality",
-        "steps": 25,
-        "scheduler": "dpmpp_2m",
-        "guidance_scale": 7.5,
-        "seed": 123456789,
-        "width": 512,
-        "height": 768,
-    }
-    params.update(overrides)
+#: The image every test describes, unless it overrides a field (any ImageSpec field).
+PNG_SPEC: dict[str, Any] = {
+    "prompt": "a red cube on a wooden table, studio light",
+    "negative_prompt": "blurry, low quality",
+    "steps": 25,
+    "scheduler": "dpmpp_2m",
+    "guidance_scale": 7.5,
+    "seed": 123456789,
+    "width": 512,
+    "height": 768,
+}
+
+
+@pytest.fixture
+def spec_params(make_spec) -> Callable[..., dict[str, Any]]:
+    """``spec_params(**overrides)``: one image's recorded params (the shared ``make_spec`` with ``PNG_SPEC``)."""
+
+    def params(**overrides: Any) -> dict[str, Any]:
+        return make_spec(**{**PNG_SPEC, **overrides}).params()
+
     return params
 
 
@@ -44,9 +53,9 @@ def _parse(data: bytes, tmp_path: Path):
     return info, info.samplers[0]
 
 
-def test_exact_infotext_format() -> None:
+def test_exact_infotext_format(spec_params) -> None:
     text = a1111_parameters(
-        _params(scheduler="dpmpp_2m_karras"),
+        spec_params(scheduler="dpmpp_2m_karras"),
         model_name="tiny",
         model_hash="abcdef1234",
         extra={"Denoising strength": "0.75", "Clip skip": "2"},
@@ -59,16 +68,16 @@ def test_exact_infotext_format() -> None:
     )
 
 
-def test_empty_negative_prompt_and_missing_hash_are_omitted() -> None:
-    text = a1111_parameters(_params(negative_prompt="", guidance_scale=7.0), model_name="tiny", model_hash=None)
+def test_empty_negative_prompt_and_missing_hash_are_omitted(spec_params) -> None:
+    text = a1111_parameters(spec_params(negative_prompt="", guidance_scale=7.0), model_name="tiny", model_hash=None)
     assert text == (
         "a red cube on a wooden table, studio light\n"
         "Steps: 25, Sampler: DPM++ 2M, CFG scale: 7, Seed: 123456789, Size: 512x768, Model: tiny"
     )
 
 
-def test_values_with_commas_are_quoted_like_a1111() -> None:
-    text = a1111_parameters(_params(), model_name="my, model", model_hash=None, extra={"Note": "a: b"})
+def test_values_with_commas_are_quoted_like_a1111(spec_params) -> None:
+    text = a1111_parameters(spec_params(), model_name="my, model", model_hash=None, extra={"Note": "a: b"})
     assert text.endswith('Model: "my, model", Note: "a: b"')
 
 
@@ -87,9 +96,9 @@ def test_values_with_commas_are_quoted_like_a1111() -> None:
     ],
 )
 def test_sd_parsers_reads_farm_png(
-    tmp_path: Path, scheduler: str, sampler_name: str, schedule_type: str | None
+    spec_params, tmp_path: Path, scheduler: str, sampler_name: str, schedule_type: str | None
 ) -> None:
-    params = _params(scheduler=scheduler)
+    params = spec_params(scheduler=scheduler)
     info, sampler = _parse(_png(params), tmp_path)
 
     assert [p.value for p in sampler.prompts] == [params["prompt"]]
@@ -104,24 +113,24 @@ def test_sd_parsers_reads_farm_png(
     assert info.metadata["Size"] == "512x768"
 
 
-def test_every_farm_scheduler_has_an_infotext() -> None:
+def test_every_farm_scheduler_has_an_infotext(spec_params) -> None:
     for name in SCHEDULERS:
-        assert "Sampler: " in a1111_parameters(_params(scheduler=name), model_name="tiny", model_hash=None)
+        assert "Sampler: " in a1111_parameters(spec_params(scheduler=name), model_name="tiny", model_hash=None)
 
 
-def test_unknown_scheduler_is_refused() -> None:
+def test_unknown_scheduler_is_refused(spec_params) -> None:
     with pytest.raises(ValueError, match="no A1111 name"):
-        a1111_parameters(_params(scheduler="nope"), model_name="tiny", model_hash=None)
+        a1111_parameters(spec_params(scheduler="nope"), model_name="tiny", model_hash=None)
 
 
 @pytest.mark.parametrize("key", ["", "Seed", "Model", "a,b", "a: b", "x\ny"])
-def test_bad_extra_keys_are_refused(key: str) -> None:
+def test_bad_extra_keys_are_refused(spec_params, key: str) -> None:
     with pytest.raises(ValueError, match="extra infotext key"):
-        a1111_parameters(_params(), model_name="tiny", model_hash=None, extra={key: "1"})
+        a1111_parameters(spec_params(), model_name="tiny", model_hash=None, extra={key: "1"})
 
 
-def test_unicode_prompt_survives(tmp_path: Path) -> None:
-    params = _params(
+def test_unicode_prompt_survives(spec_params, tmp_path: Path) -> None:
+    params = spec_params(
         prompt="一只红色的猫, ünïcödé — emoji 🐱\nsecond line",
         negative_prompt="размытый, плохое качество",
     )
@@ -134,25 +143,25 @@ def test_unicode_prompt_survives(tmp_path: Path) -> None:
 
     text, spec = read_png_metadata(data)
     assert text is not None and text.startswith(params["prompt"])
-    assert spec == params
+    assert ImageSpec.from_params(spec) == ImageSpec.from_params(params)  # the image says how to render it again
 
 
-def test_latin1_prompt_uses_plain_text_chunk() -> None:
-    data = _png(_params(prompt="café crème"))
+def test_latin1_prompt_uses_plain_text_chunk(spec_params) -> None:
+    data = _png(spec_params(prompt="café crème"))
     assert b"tEXtparameters" in data
 
 
-def test_sd_parsers_reads_a_pil_image_too() -> None:
-    info = ParserManager().parse(Image.open(io.BytesIO(_png(_params()))))
+def test_sd_parsers_reads_a_pil_image_too(spec_params) -> None:
+    info = ParserManager().parse(Image.open(io.BytesIO(_png(spec_params()))))
     assert info is not None and info.samplers[0].name == "DPM++ 2M"
 
 
-def test_read_png_metadata_returns_spec() -> None:
+def test_read_png_metadata_returns_spec(spec_params) -> None:
     spec = {"image_id": "1234-abcd", "seed": 42, "steps": 25, "nested": {"b": 1, "a": [1, 2]}}
-    data = _png(_params(), spec=spec)
+    data = _png(spec_params(), spec=spec)
     text, got = read_png_metadata(data)
     assert got == spec
-    assert text == a1111_parameters(_params(), model_name="tiny", model_hash="abcdef1234")
+    assert text == a1111_parameters(spec_params(), model_name="tiny", model_hash="abcdef1234")
     assert Image.open(io.BytesIO(data)).size == (16, 16)
 
 
