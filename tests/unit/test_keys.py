@@ -1,4 +1,5 @@
-"""Object keys are built from ids and hashes only; anything else is refused."""
+"""Object keys are built from ids and hashes only; anything else is refused, by every storage backend
+(and by the in-memory fake the unit tests store into)."""
 
 from __future__ import annotations
 
@@ -99,3 +100,59 @@ def test_content_key_good(kind: str, sha256: str, ext: str, expected: str) -> No
 def test_content_key_bad(kind: str, sha256: str, ext: str, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         content_key(kind, sha256, ext)
+
+
+# -- the storage contract: the in-memory fake the unit tests use behaves as the real backends ------
+
+
+@pytest.fixture(params=["file", "memory"])
+def storage(request: pytest.FixtureRequest, tmp_path):
+    """FileStorage (real) and the tests' MemoryStorage (tests/conftest.py), one contract."""
+    from farm.storage import FileStorage
+
+    return FileStorage(tmp_path / "store") if request.param == "file" else request.getfixturevalue("memory_storage")
+
+
+def test_storage_round_trip(storage) -> None:
+    from farm.storage import Storage
+
+    assert isinstance(storage, Storage)
+    key = image_key(SUB, IMG)
+    assert not storage.exists(key)
+    storage.put(key, b"\x89PNG one", content_type="image/png", metadata={"image-id": IMG, "farm-seed": "7"})
+    storage.put(key, b"\x89PNG two", content_type="image/png", metadata={"image-id": IMG, "farm-seed": "8"})  # replaces
+    assert storage.exists(key)
+    assert storage.get(key) == b"\x89PNG two"
+    assert storage.head(key) == {"image-id": IMG, "farm-seed": "8"}
+    assert storage.content_type(key) == "image/png"
+    assert storage.key_of(storage.uri(key)) == key
+    assert storage.key_of("s3://elsewhere/" + key) is None
+    storage.delete(key)
+    storage.delete(key)  # deleting a missing object is not an error
+    assert not storage.exists(key)
+
+
+def test_storage_missing_object_is_missing_object(storage) -> None:
+    from farm.errors import FarmError, MissingObject
+
+    key = content_key("loras", SHA, "safetensors")
+    with pytest.raises(MissingObject, match="no object"):
+        storage.get(key)
+    with pytest.raises(MissingObject):
+        storage.head(key)
+    assert issubclass(MissingObject, FarmError)
+
+
+@pytest.mark.parametrize("key", ["", "/abs/x.png", "a/../b.png", "a//b.png", ".hidden", "a\\b", "x.png.meta.json"])
+def test_storage_refuses_keys_that_could_escape(storage, key: str) -> None:
+    with pytest.raises(ValueError, match="object key"):
+        storage.put(key, b"x", content_type="image/png")
+    with pytest.raises(ValueError, match="object key"):
+        storage.get(key)
+
+
+@pytest.mark.parametrize("metadata", [{"Image_ID": "1"}, {"prompt": "ünïcödé"}, {"big": "x" * 3000}])
+def test_storage_refuses_metadata_s3_cannot_carry(storage, metadata: dict) -> None:
+    with pytest.raises(ValueError, match="metadata"):
+        storage.put(image_key(SUB, IMG), b"x", content_type="image/png", metadata=metadata)
+    assert not storage.exists(image_key(SUB, IMG))
