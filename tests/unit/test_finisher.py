@@ -178,6 +178,7 @@ class Outage(Store):
         self.down = False
         self.hung = False
         self.fail_next = 0
+        self.denied = False
         self.puts: dict[str, int] = {}
         self.attempt_seconds: list[float] = []
 
@@ -192,6 +193,8 @@ class Outage(Store):
             time.sleep(max(0.0, deadline - time.monotonic()) if deadline is not None else 5.0)
             self.attempt_seconds.append(time.monotonic() - started)
             raise StorageUnavailable(f"S3 put failed ({key}): ReadTimeoutError")
+        if self.denied:
+            raise StorageError(f"S3 put failed ({key}): AccessDenied")
         if self.down or failing:
             raise StorageUnavailable(f"S3 put failed ({key}): EndpointConnectionError: connection refused")
         super().put(key, data, content_type=content_type, metadata=metadata)
@@ -411,3 +414,37 @@ def test_without_a_spool_an_unavailable_store_gives_the_images_back(tmp_path) ->
     [(ids, error)] = rows.given_back
     assert ids == ["a0"] and isinstance(error, StorageUnavailable)
     fin.close(timeout=1)
+
+
+def test_a_spooled_image_that_storage_keeps_refusing_waits_until_give_up_after(tmp_path) -> None:
+    store, rows = Outage(), Rows()
+    store.down = True
+    fin = spooling(store, rows, tmp_path, give_up_after=1.0)
+    rows.claim("tok", ["a0"])
+    handoff = fin.hand_off("tok", items("a", 1), rows.give_back)
+    assert until(lambda: handoff.settled)
+    store.down, store.denied = False, True  # credentials revoked mid-outage: not a reason to re-render at once
+    time.sleep(0.5)
+    assert not handoff.done and len(fin.spool) == 1 and rows.given_back == []
+    assert handoff.wait(timeout=10) and handoff.failed == ["a0"] and len(fin.spool) == 0
+    [(ids, _error)] = rows.given_back
+    assert ids == ["a0"]
+    fin.close(timeout=1)
+
+
+def test_build_finisher_follows_the_settings(tmp_path) -> None:
+    from farm.settings import Settings
+    from farm.storage import FileStorage
+    from workers.finishing.finisher import build_finisher
+
+    settings = Settings(data_dir=tmp_path, upload_threads=3, upload_retries=1, upload_max_pending=5,
+                        claim_lease_seconds=40, s3_connect_timeout=2, s3_read_timeout=10,
+                        upload_deadline_seconds=600, spool_bytes=64 * 1024**2)
+    store, rows = FileStorage(tmp_path / "store"), Rows()
+    fin = build_finisher(settings, store, worker="gpu0@host", record=rows.record, adopt=rows.adopt, renew=rows.renew)
+    assert fin.spool.folder == tmp_path / "spool" / "gpu0@host" and fin.spool.max_bytes == 64 * 1024**2
+    assert fin.uploader.workers == 3 and fin.uploader.retries == 1 and fin.uploader.put_timeout == 2 + 10 + 5
+    assert fin.max_pending == 5 and fin.renew_every == 10 and fin.give_up_after == 600 and fin.adopt == rows.adopt
+    rows.claim("tok", ["a0"])
+    assert fin.hand_off("tok", items("a", 1)).wait(timeout=10) and rows.recorded == {"a0": [("record", "tok")]}
+    assert fin.close(timeout=5)

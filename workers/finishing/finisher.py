@@ -496,11 +496,8 @@ class Finisher:
             return "retry"
         try:
             self.uploader.store(entry.key, body, entry.content_type, entry.metadata)
-        except StorageError as exc:  # down, or refusing (credentials, bucket): wait, never re-render
-            if isinstance(exc, StorageUnavailable):
-                self._storage_down(exc)
-            else:
-                log.warning("spooled image %s not stored: %s", entry.image_id, exc)
+        except StorageError as exc:  # down, or refusing us (credentials, bucket): wait, never re-render
+            self._storage_down(exc)  # (so give_up_after applies to a refusal that lasts, too)
             return "retry"
         except Exception as exc:  # the entry itself is unusable (a bad key or metadata)
             log.error("dropping spooled image %s: %s: %s", entry.image_id, type(exc).__name__, exc)
