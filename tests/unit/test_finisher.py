@@ -448,3 +448,19 @@ def test_build_finisher_follows_the_settings(tmp_path) -> None:
     rows.claim("tok", ["a0"])
     assert fin.hand_off("tok", items("a", 1)).wait(timeout=10) and rows.recorded == {"a0": [("record", "tok")]}
     assert fin.close(timeout=5)
+
+
+def test_the_same_image_spooled_again_under_a_new_claim_replaces_the_old_entry(tmp_path) -> None:
+    store, rows = Outage(), Rows()
+    store.down = True
+    fin = spooling(store, rows, tmp_path)
+    rows.claim("old", ["a0"])
+    old = fin.hand_off("old", items("a", 1), rows.give_back)
+    assert until(lambda: old.settled)
+    rows.claim("new", ["a0"])  # its lease ran out during a database outage; claimed and rendered again
+    new = fin.hand_off("new", items("a", 1), rows.give_back)
+    assert until(lambda: new.settled) and old.done and old.lost == ["a0"]
+    assert [e.token for e in fin.spool.entries()] == ["new"]
+    store.down = False
+    assert new.wait(timeout=10) and rows.recorded == {"a0": [("adopt", "new")]}
+    fin.close(timeout=5)

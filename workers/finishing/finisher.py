@@ -330,7 +330,10 @@ class Finisher:
         assert self.spool is not None
         name = Spool.name_for(item.image_id, hashlib.sha256(body).hexdigest())
         with self._lock:
+            superseded = self._spooled.get(name)
             self._spooled[name] = (handoff, item)  # before the drainer can see the entry
+        if superseded is not None:  # the same image claimed again and rendered alike: the new claim's entry replaces it
+            self._resolve(superseded[0], superseded[1], "lost")
         try:
             self.spool.put(
                 image_id=item.image_id, key=item.key, token=handoff.token, data=body,
