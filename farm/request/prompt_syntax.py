@@ -34,6 +34,7 @@ __all__ = [
     "check",
     "describe",
     "has_syntax",
+    "is_plain",
     "parse",
 ]
 
@@ -67,15 +68,43 @@ _RE_ATTENTION = re.compile(
 """,
     re.X,
 )
-_RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+#: Where a prompt breaks into 75-token windows: ``BREAK`` as a word, with the whitespace around it.
+#: A1111 writes ``\s*\bBREAK\b\s*``, which backtracks quadratically on a long run of whitespace (each
+#: start inside the run rescans it). This form matches the same spans in linear time: a match starts
+#: only where a whitespace run starts (``(?<!\s)\s*``), or right at ``BREAK`` after whitespace that an
+#: earlier match already took (``(?<=\s)``); ``re.split`` never resumes inside a run, because the
+#: trailing ``\s*`` of a match takes the whole run.
+_RE_BREAK = re.compile(r"(?:(?<!\s)\s*|(?<=\s))\bBREAK\b\s*", re.S)
 
 
-def _parse(text: str) -> tuple[list[list], int]:
-    """A1111's ``parse_prompt_attention`` plus the deepest bracket nesting seen (for :func:`check`)."""
+class _TooDeep(Exception):
+    """Raised inside :func:`_parse` when nesting passes ``max_depth`` (``depth`` is the deepest seen)."""
+
+    def __init__(self, depth: int):
+        self.depth = depth
+
+
+def is_plain(prompt: str) -> bool:
+    """True when the prompt cannot hold any syntax: no ``(``, ``[``, backslash or ``BREAK``.
+
+    Such a prompt parses to itself at weight 1 (a stray ``)``, ``]`` or ``:1.2)`` is plain text), so
+    the submit path skips the parser for it: most prompts of a big campaign are plain.
+    """
+    return "(" not in prompt and "[" not in prompt and "\\" not in prompt and "BREAK" not in prompt
+
+
+def _parse(text: str, max_depth: int | None = None) -> tuple[list[list], int]:
+    """A1111's ``parse_prompt_attention`` plus the deepest bracket nesting seen (for :func:`check`).
+
+    Linear in the prompt's length when ``max_depth`` is given: each piece is multiplied once per
+    bracket open around it, so past ``max_depth`` the pieces are dropped and only the depth is
+    followed (raising :class:`_TooDeep` with the deepest nesting at the end).
+    """
     res: list[list] = []
     round_brackets: list[int] = []
     square_brackets: list[int] = []
     depth = 0
+    too_deep = False
 
     def multiply_range(start: int, multiplier: float) -> None:
         for p in range(start, len(res)):
@@ -85,7 +114,18 @@ def _parse(text: str) -> tuple[list[list], int]:
         token = m.group(0)
         weight = m.group(1)
 
-        if token.startswith("\\"):
+        if too_deep:  # only the depth matters now; no piece is kept
+            if token == "(":
+                round_brackets.append(0)
+            elif token == "[":
+                square_brackets.append(0)
+            elif weight is not None and round_brackets:
+                round_brackets.pop()
+            elif token == ")" and round_brackets:
+                round_brackets.pop()
+            elif token == "]" and square_brackets:
+                square_brackets.pop()
+        elif token.startswith("\\"):
             res.append([token[1:], 1.0])
         elif token == "(":
             round_brackets.append(len(res))
@@ -101,12 +141,18 @@ def _parse(text: str) -> tuple[list[list], int]:
             multiply_range(round_brackets.pop(), _ROUND)
         elif token == "]" and square_brackets:
             multiply_range(square_brackets.pop(), _SQUARE)
+        elif "BREAK" not in token:
+            res.append([token, 1.0])
         else:
             for i, part in enumerate(_RE_BREAK.split(token)):
                 if i > 0:
                     res.append([BREAK, -1.0])
                 res.append([part, 1.0])
         depth = max(depth, len(round_brackets) + len(square_brackets))
+        if max_depth is not None and depth > max_depth:
+            too_deep = True
+    if too_deep:
+        raise _TooDeep(depth)
 
     for pos in round_brackets:
         multiply_range(pos, _ROUND)
@@ -116,15 +162,20 @@ def _parse(text: str) -> tuple[list[list], int]:
     if not res:
         res = [["", 1.0]]
 
-    # merge runs of identical weights
-    i = 0
-    while i + 1 < len(res):
-        if res[i][1] == res[i + 1][1]:
-            res[i][0] += res[i + 1][0]
-            res.pop(i + 1)
-        else:
-            i += 1
-    return res, depth
+    # merge runs of identical weights (one pass; the texts joined once, not concatenated piece by piece)
+    merged: list[list] = []
+    parts: list[str] = []
+    for piece in res:
+        if merged and merged[-1][1] == piece[1]:
+            parts.append(piece[0])
+            continue
+        if len(parts) > 1:
+            merged[-1][0] = "".join(parts)
+        merged.append(piece)
+        parts = [piece[0]]
+    if len(parts) > 1:
+        merged[-1][0] = "".join(parts)
+    return merged, depth
 
 
 def parse(prompt: str) -> list[tuple[str, float]]:
@@ -146,6 +197,8 @@ def is_break(text: str, weight: float) -> bool:
 
 def has_syntax(prompt: str) -> bool:
     """True when the syntax changes anything: ``parse`` gives more than the plain ``(prompt, 1.0)``."""
+    if is_plain(prompt):
+        return False
     try:
         return parse(prompt) != [(prompt, 1.0)]
     except ValueError:
@@ -170,12 +223,16 @@ def check(prompt: str, *, field: str = "prompt") -> None:
     """
     from farm.errors import ValidationError
 
+    if is_plain(prompt):
+        return
     try:
-        pieces, depth = _parse(prompt)
+        pieces, _ = _parse(prompt, max_depth=MAX_NESTING)
     except ValueError as exc:
         raise ValidationError(field, prompt, str(exc)) from None
-    if depth > MAX_NESTING:
-        raise ValidationError(field, prompt, f"brackets are nested {depth} deep; at most {MAX_NESTING} levels are allowed")
+    except _TooDeep as exc:
+        raise ValidationError(
+            field, prompt, f"brackets are nested {exc.depth} deep; at most {MAX_NESTING} levels are allowed"
+        ) from None
     for text, weight in pieces:
         if is_break(text, weight):
             continue
