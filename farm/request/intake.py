@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from collections.abc import Mapping
+from typing import Any, Callable
 
 from farm.catalogue import Catalogue
 from farm.errors import ValidationError
 from farm.imaging.inputs import PreparedImage, prepare_image
 from farm.request.spec import GenerationRequest, ImageSpec, PreparedInputs, check_request
-from farm.settings import Settings
+from farm.request.text import shown
+from farm.settings import Settings, redact
 from farm.storage import Storage
 
 __all__ = ["Intake", "LoraResolver"]
@@ -58,16 +60,21 @@ class Intake:
         ``index`` locates errors (``request 3``); ``base_dir`` is where relative image paths start
         (a campaign's prompt file's folder; default: the working directory).
         """
-        if isinstance(request, GenerationRequest):
+        if request.__class__ is not dict and isinstance(request, GenerationRequest):
             request = request.to_dict()
         inputs = None
-        if isinstance(request, Mapping) and any(request.get(k) is not None for k in ("init_image", "mask", "loras")):
+        if (request.__class__ is dict or isinstance(request, Mapping)) and (
+            request.get("init_image") is not None or request.get("mask") is not None or request.get("loras") is not None
+        ):
             inputs = PreparedInputs(
                 init=self._image(request.get("init_image"), "init_image", "RGB", index, base_dir),
                 mask=self._image(request.get("mask"), "mask", "L", index, base_dir),
                 loras=self._loras_of(request.get("loras"), index),
             )
-        return check_request(request, self.settings, index=index, inputs=inputs, catalogue=self.catalogue).images
+        try:
+            return check_request(request, self.settings, index=index, inputs=inputs, catalogue=self.catalogue).images
+        except RecursionError:  # a value nested past Python's stack (what json.loads already refuses)
+            raise ValidationError("request", "…", "nests too deep: request fields are flat values, lists and objects", index=index) from None
 
     def upload_inputs(self) -> int:
         """Store every checked input image once (content-addressed); returns how many were new."""
@@ -102,13 +109,13 @@ class Intake:
             key = storage.key_of(text)
             if key is None:
                 raise ValidationError(
-                    field, text, f"is a URI outside the farm's storage ({storage!r}); give a local path, bytes, "
-                    "or a URI under the farm's storage", index=index,
+                    field, shown(redact(text)), f"is a URI outside the farm's storage ({redact(repr(storage))}); give a "
+                    "local path, bytes, or a URI under the farm's storage", index=index,
                 )
             try:
                 return storage.get(key)
             except Exception as exc:  # noqa: BLE001 - MissingObject, storage down: one clear line
-                raise ValidationError(field, text, f"cannot be read from storage ({exc})", index=index) from None
+                raise ValidationError(field, shown(redact(text)), f"cannot be read from storage ({redact(str(exc))})", index=index) from None
         path = Path(text).expanduser()
         return path if path.is_absolute() or base_dir is None else Path(base_dir) / path
 
@@ -118,7 +125,7 @@ class Intake:
             return ()
         try:
             key = repr(refs)
-        except Exception:  # noqa: BLE001 - an unprintable value: resolve it uncached
+        except Exception:  # noqa: BLE001 - unprintable (nested too deep, a huge int): resolve it uncached
             return self._resolve_loras(refs, index)
         if key not in self._loras:
             self._loras[key] = self._resolve_loras(refs, index)

@@ -12,10 +12,14 @@ import functools
 import math
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
+from farm.catalogue import Catalogue
 from farm.errors import ValidationError
+from farm.request.prompt_syntax import is_plain
 from farm.request.schedulers import SCHEDULER_NAMES
+from farm.request.text import Shown, shown, text_problem
 from farm.settings import Settings
 
 __all__ = ["MAX_SEED", "CheckedRequest", "GenerationRequest", "ImageSpec", "PreparedInputs", "check_request"]
@@ -59,23 +63,33 @@ class GenerationRequest:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, index: int | None = None) -> "GenerationRequest":
-        if not isinstance(data, Mapping):
-            raise ValidationError("request", data, "must be an object of request fields", index=index)
+        if data.__class__ is not dict and not isinstance(data, Mapping):
+            raise ValidationError("request", shown(data), "must be an object of request fields", index=index)
         known = _REQUEST_FIELDS
-        unknown = sorted(set(data) - known)
-        if unknown:
+        if not known.issuperset(data):
+            first = min((k for k in data if k not in known), key=repr)
+            name = first if isinstance(first, str) and len(first) <= 60 and not text_problem(first, names=True) else repr(shown(first))
             raise ValidationError(
-                unknown[0], data[unknown[0]], f"unknown field; valid fields: {', '.join(sorted(known))}", index=index
+                name, shown(data[first]), f"unknown field; valid fields: {', '.join(sorted(known))}", index=index
             )
         if "prompt" not in data:
             raise ValidationError("prompt", None, "is required", index=index)
-        return cls(**dict(data))
+        # the dataclass's own __init__, without its cost (~3 µs a row on a 100k campaign): every
+        # field has a plain default and every key was just checked to be a field
+        request = cls.__new__(cls)
+        request.__dict__.update(_REQUEST_DEFAULTS)
+        request.__dict__.update(data)
+        return request
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 _REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationRequest))
+_REQUEST_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(GenerationRequest) if f.default is not dataclasses.MISSING
+}
+assert set(_REQUEST_DEFAULTS) == _REQUEST_FIELDS - {"prompt"}, "every optional field needs a plain default"
 
 
 @dataclass(frozen=True)
@@ -123,17 +137,36 @@ class ImageSpec:
         """What the image record keeps: the spec, plus the parsed form of prompts that use weighting syntax."""
         params = self.params()
         for name in ("prompt", "negative_prompt"):
-            parsed = _parsed(params[name])
-            if parsed is not None:
-                params[f"{name}_parsed"] = parsed
+            text = params[name]
+            if text and not is_plain(text):  # most prompts: no syntax possible, no parse
+                parsed = _parsed(text)
+                if parsed is not None:
+                    params[f"{name}_parsed"] = parsed
         return params
 
     def params(self) -> dict[str, Any]:
-        # by hand: dataclasses.asdict deep-copies and costs ~50 µs an image on a 100k campaign
+        # by hand: dataclasses.asdict deep-copies and costs ~50 µs an image on a 100k campaign; the
+        # instance's own dict holds exactly the fields, in order (see _of), and is copied at C speed
+        values = self.__dict__
+        if len(values) == len(_SPEC_FIELDS):
+            return values.copy()
         return {name: getattr(self, name) for name in _SPEC_FIELDS}
+
+    @classmethod
+    def _of(cls, values: dict[str, Any]) -> "ImageSpec":
+        """The spec holding ``values`` (every field, in field order, already checked), built without the
+        frozen dataclass's ``__init__`` (19 ``object.__setattr__`` calls: a third of a 100k campaign's
+        checking time)."""
+        spec = cls.__new__(cls)
+        spec.__dict__.update(values)
+        return spec
 
 
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(ImageSpec))
+#: Every field of ImageSpec in order, with its default (None for the required ones, always given).
+_SPEC_DEFAULTS = {
+    f.name: (None if f.default is dataclasses.MISSING else f.default) for f in dataclasses.fields(ImageSpec)
+}
 
 
 @functools.lru_cache(maxsize=4096)  # a campaign repeats each prompt across its sweeps
@@ -150,22 +183,36 @@ class CheckedRequest:
 
 
 def _int(name: str, value: Any, lo: int, hi: int, index: int | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError(name, value, f"must be an integer between {lo} and {hi}", index=index)
-    if not lo <= value <= hi:
-        raise ValidationError(name, value, f"must be between {lo} and {hi}", index=index)
+    if value.__class__ is not int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValidationError(name, shown(value), f"must be an integer between {lo} and {hi}", index=index)
+    if not lo <= value <= hi:  # exact for any int: 10**400 compares, it is never converted
+        raise ValidationError(name, shown(value), f"must be between {lo} and {hi}", index=index)
     return value
 
 
+def _number(name: str, value: Any, lo: float, hi: float, index: int | None, *, message: str | None = None) -> float:
+    """A finite int or float in [lo, hi] (an int is compared exactly: ``10**400`` is refused, not an
+    OverflowError), returned as a float."""
+    kind = value.__class__
+    if kind is not float and kind is not int and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValidationError(name, shown(value), message or "must be a finite number", index=index)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValidationError(name, value, message or "must be a finite number", index=index)
+    if not lo <= value <= hi:
+        raise ValidationError(name, shown(value), message or f"must be between {lo} and {hi}", index=index)
+    return float(value)
+
+
 def _text(name: str, value: Any, max_chars: int, index: int | None) -> str:
-    if not isinstance(value, str):
-        raise ValidationError(name, value, "must be a string", index=index)
+    if value.__class__ is not str and not isinstance(value, str):
+        raise ValidationError(name, shown(value), "must be a string", index=index)
     if len(value) > max_chars:
         raise ValidationError(
             name, value[:40] + "…", f"is {len(value)} characters; at most {max_chars} are allowed", index=index
         )
-    if "\x00" in value:
-        raise ValidationError(name, value[:40], "must not contain NUL characters", index=index)
+    problem = text_problem(value)
+    if problem:
+        raise ValidationError(name, shown(value) if "\x00" not in value else value[:40], problem, index=index)
     return value
 
 
@@ -204,101 +251,83 @@ def check_request(
     it across many requests. Raises
     :class:`~farm.errors.ValidationError` naming the field, the value and the limit.
     """
-    from farm.catalogue import Catalogue
-
     if not isinstance(request, GenerationRequest):
         request = GenerationRequest.from_dict(request, index=index)
     limits = settings.limits
-    inputs = inputs or PreparedInputs()
+    inputs = inputs or _NO_INPUTS
     catalogue = catalogue or Catalogue(settings)
     model = catalogue.check_name(request.model, index=index)
     conditioning = _conditioning(request, inputs, index)
-    request = _with_defaults(request, catalogue.defaults(model), inputs)
+
+    # what the request leaves unsaid: its own value, then (for the size) the init image's, then the
+    # model's own (``farm.catalogue``: its farm.json, then the settings)
+    defaults = catalogue.defaults(model)
+    if inputs.init is not None:
+        from farm.imaging.inputs import output_size
+
+        default_width, default_height = output_size(inputs.init.width, inputs.init.height)
+    else:
+        default_width, default_height = defaults.width, defaults.height
+    width = default_width if request.width is None else request.width
+    height = default_height if request.height is None else request.height
+    steps = defaults.steps if request.steps is None else request.steps
+    guidance = defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale
+    scheduler = request.scheduler or defaults.scheduler
 
     prompt = _text("prompt", request.prompt, limits.max_prompt_chars, index)
     negative = _text("negative_prompt", request.negative_prompt or "", limits.max_prompt_chars, index)
-    steps = _int("steps", request.steps, limits.min_steps, limits.max_steps, index)
+    steps = _int("steps", steps, limits.min_steps, limits.max_steps, index)
+    guidance = _number("guidance_scale", guidance, limits.min_guidance_scale, limits.max_guidance_scale, index)
 
-    guidance = request.guidance_scale
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-        raise ValidationError("guidance_scale", guidance, "must be a finite number", index=index)
-    if not limits.min_guidance_scale <= guidance <= limits.max_guidance_scale:
-        raise ValidationError(
-            "guidance_scale",
-            guidance,
-            f"must be between {limits.min_guidance_scale} and {limits.max_guidance_scale}",
-            index=index,
-        )
-
-    width = _size("width", request.width, settings, index)
-    height = _size("height", request.height, settings, index)
+    width = _size("width", width, settings, index)
+    height = _size("height", height, settings, index)
     if width * height > limits.max_pixels:
         raise ValidationError(
             "width×height", f"{width}×{height}", f"must be at most {limits.max_pixels} pixels", index=index
         )
 
-    scheduler = request.scheduler
     if not isinstance(scheduler, str) or scheduler not in SCHEDULER_NAMES:
         raise ValidationError(
-            "scheduler", scheduler, f"unknown scheduler; valid names: {', '.join(SCHEDULER_NAMES)}", index=index
+            "scheduler", shown(scheduler), f"unknown scheduler; valid names: {', '.join(SCHEDULER_NAMES)}", index=index
         )
 
     clip_skip = _int("clip_skip", request.clip_skip, 1, 2, index)
     if request.loras and not inputs.loras:
-        raise ValidationError("loras", request.loras, "must be resolved against the registry (farm.request.Intake)", index=index)
-    _check_prompt_syntax(prompt, "prompt", index)
-    _check_prompt_syntax(negative, "negative_prompt", index)
+        raise ValidationError("loras", shown(request.loras), "must be resolved against the registry (farm.request.Intake)", index=index)
+    if not is_plain(prompt):
+        _check_prompt_syntax(prompt, "prompt", index)
+    if not is_plain(negative):
+        _check_prompt_syntax(negative, "negative_prompt", index)
     seeds = _seeds(request, limits.max_num_images, index)
-    images = [
-        ImageSpec(
-            prompt=prompt,
-            negative_prompt=negative,
-            seed=seed,
-            steps=steps,
-            guidance_scale=float(guidance),
-            width=width,
-            height=height,
-            scheduler=scheduler,
-            model=model,
-            request_index=index or 0,
-            clip_skip=clip_skip,
-            loras=inputs.loras,
-            **conditioning,
-        )
-        for seed in seeds
-    ]
-    return CheckedRequest(request=request, images=images)
-
-
-def _with_defaults(request: GenerationRequest, defaults: Any, inputs: PreparedInputs) -> GenerationRequest:
-    """Fill what the request left unsaid: a request's value, then (for the size) the init image's,
-    then the model's own (``farm.catalogue``: its farm.json, then the settings)."""
-    width, height = defaults.width, defaults.height
-    if inputs.init is not None:
-        from farm.imaging.inputs import output_size
-
-        width, height = output_size(inputs.init.width, inputs.init.height)
-    return dataclasses.replace(
-        request,
-        width=width if request.width is None else request.width,
-        height=height if request.height is None else request.height,
-        steps=defaults.steps if request.steps is None else request.steps,
-        guidance_scale=defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
-        scheduler=request.scheduler or defaults.scheduler,
+    values = {
+        **_SPEC_DEFAULTS, "prompt": prompt, "negative_prompt": negative, "steps": steps, "guidance_scale": guidance,
+        "width": width, "height": height, "scheduler": scheduler, "model": model, "request_index": index or 0,
+        "clip_skip": clip_skip, "loras": inputs.loras, **conditioning,
+    }
+    images = [ImageSpec._of({**values, "seed": seed}) for seed in seeds]
+    filled = GenerationRequest.__new__(GenerationRequest)
+    filled.__dict__.update(
+        request.__dict__, width=width, height=height, steps=steps, guidance_scale=guidance, scheduler=scheduler
     )
+    return CheckedRequest(request=filled, images=images)
+
+
+_NO_INPUTS = PreparedInputs()
+#: A plain text-to-image request's conditioning: nothing (ImageSpec's defaults). Never mutated.
+_TXT2IMG: dict[str, Any] = {}
 
 
 def _seeds(request: GenerationRequest, max_images: int, index: int | None) -> list[int]:
     """Per-image seeds: the explicit list, or ``seed, seed+1, …`` (drawn once here when missing)."""
     if request.seeds is not None:
         if not isinstance(request.seeds, (list, tuple)) or not request.seeds:
-            raise ValidationError("seeds", request.seeds, "must be a non-empty list of integers", index=index)
+            raise ValidationError("seeds", shown(request.seeds), "must be a non-empty list of integers", index=index)
         if request.seed is not None:
-            raise ValidationError("seed", request.seed, "give either seed or seeds, not both", index=index)
+            raise ValidationError("seed", shown(request.seed), "give either seed or seeds, not both", index=index)
         if request.num_images is not None and request.num_images != len(request.seeds):
             raise ValidationError(
                 "num_images",
-                request.num_images,
+                shown(request.num_images),
                 f"must equal the number of seeds given ({len(request.seeds)})",
                 index=index,
             )
@@ -327,33 +356,34 @@ def _check_prompt_syntax(text: str, field: str, index: int | None) -> None:
     try:
         prompt_syntax.check(text)
     except ValidationError as exc:
-        raise ValidationError(field, exc.value, exc.limit, index=index) from None
+        raise ValidationError(field, shown(exc.value), exc.limit, index=index) from None
 
 
 def _conditioning(request: GenerationRequest, inputs: PreparedInputs, index: int | None) -> dict[str, Any]:
     """Mode, input keys and image options of a request (txt2img when it names no image)."""
-    from farm.imaging.inputs import RESIZE_MODES
-
     if request.init_image is None:
         if request.mask is not None:
             raise ValidationError("mask", "given", "needs an init_image to inpaint", index=index)
+        if request.strength is None and request.mask_blur == 0 and request.paste_back == False and request.resize_mode == "resize":  # noqa: E712
+            return _TXT2IMG
         for name, default in (("strength", None), ("mask_blur", 0), ("paste_back", False), ("resize_mode", "resize")):
             if getattr(request, name) != default:
-                raise ValidationError(name, getattr(request, name), "only applies with an init_image", index=index)
-        return {}
+                raise ValidationError(name, shown(getattr(request, name)), "only applies with an init_image", index=index)
+        return _TXT2IMG
     if inputs.init is None:
         raise ValidationError(
             "init_image", "not uploaded", "submit it through Farm.submit/submit_many or `farm submit --init-image`", index=index
         )
+    from farm.imaging.inputs import RESIZE_MODES
+
     mode = "inpaint" if request.mask is not None else "img2img"
     strength = request.strength if request.strength is not None else (1.0 if mode == "inpaint" else 0.75)
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-        raise ValidationError("strength", strength, "must be a number between 0 and 1", index=index)
-    if request.resize_mode not in RESIZE_MODES:
-        raise ValidationError("resize_mode", request.resize_mode, f"must be one of {', '.join(RESIZE_MODES)}", index=index)
+    strength = _number("strength", strength, 0.0, 1.0, index, message="must be a number between 0 and 1")
+    if not isinstance(request.resize_mode, str) or request.resize_mode not in RESIZE_MODES:
+        raise ValidationError("resize_mode", shown(request.resize_mode), f"must be one of {', '.join(RESIZE_MODES)}", index=index)
     mask_blur = _int("mask_blur", request.mask_blur, 0, 64, index)
     if not isinstance(request.paste_back, bool):
-        raise ValidationError("paste_back", request.paste_back, "must be true or false", index=index)
+        raise ValidationError("paste_back", shown(request.paste_back), "must be true or false", index=index)
     if mode == "inpaint":
         if inputs.mask is None:
             raise ValidationError("mask", "not uploaded", "submit it through Farm.submit/submit_many", index=index)
