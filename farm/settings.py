@@ -12,22 +12,45 @@ in another work together with no server.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from farm.errors import ConfigError
 
-__all__ = ["BUILTIN_SHAPES", "BUILTIN_TINY", "Limits", "Settings", "parse_batch_sizes", "parse_sizes", "shipped_model"]
+__all__ = [
+    "BUILTIN_SHAPES", "BUILTIN_TINY", "Limits", "Settings", "parse_batch_sizes", "parse_sizes", "redact", "shipped_model",
+]
 
 #: A tiny random SD-architecture pipeline, built on first use into ``<data_dir>/models/tiny``.
 BUILTIN_TINY = "builtin:tiny"
 #: The small trained shapes model shipped with farm (models/shapes; docs/shapes-model.md): the
 #: default model, so the embedded farm draws what it is asked ("a red circle on a blue background").
 BUILTIN_SHAPES = "builtin:shapes"
+
+
+#: ``scheme://user:password@`` (the password up to the last ``@`` of the address, so a password
+#: holding an unescaped ``@`` is hidden whole), and ``password=…`` in a query string (libpq takes it).
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]*):(?P<secret>[^\s'\"]*)@")
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&;](?:password|passwd|pwd|secret|token|access_key|secret_key)=)[^&;\s'\"]*", re.I)
+#: Database columns a model name is stored in (``images.model``, ``loras.base``: varchar(128)).
+MODEL_NAME_MAX_CHARS = 128
+
+
+def redact(text: str) -> str:
+    """``text`` with every URL password replaced by ``***`` (``postgresql://farm:***@db/farm``).
+
+    Applied wherever a URL may be shown: configuration errors, the CLI's error line, ``repr`` of the
+    settings. Database, Redis and S3-style URLs alike; text without a URL comes back unchanged.
+    """
+    if "://" not in text and "=" not in text:
+        return text
+    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:***@", text)
+    return _QUERY_PASSWORD.sub(lambda m: f"{m['head']}***", text)
 
 
 def shipped_model(name: str) -> Path:
@@ -63,10 +86,14 @@ def _describe(exc: pydantic.ValidationError) -> str:
     """``bad setting FARM_X: what is wrong`` for the first error (the value shown unless it may hold a secret)."""
     first = exc.errors()[0]
     variable = "FARM_" + "__".join(str(p) for p in first["loc"]).upper()
-    message = first["msg"].removeprefix("Value error, ")
+    message = redact(first["msg"].removeprefix("Value error, "))
     value = first.get("input")
     secret = any(word in variable for word in ("URL", "KEY", "SECRET", "PASSWORD", "TOKEN"))
-    shown = "" if secret or isinstance(value, dict) or value is None else f" (given {value!r})"
+    if secret or isinstance(value, (dict, list)) or value is None:
+        shown = ""
+    else:
+        text = repr(value) if not isinstance(value, str) or len(value) <= 80 else repr(value[:80]) + "…"
+        shown = f" (given {text})"
     return f"bad setting {variable}: {message}{shown}"
 
 
@@ -99,6 +126,21 @@ class Limits(BaseModel):
     max_lora_bytes: int = 512 * 1024 * 1024
     #: A campaign's input × sweeps may not expand past this many images.
     max_campaign_images: int = 5_000_000
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Limits":
+        for name, value in self:
+            if isinstance(value, (int, float)) and not (value >= 0 and value < float("inf")):
+                raise ValueError(f"{name}={value!r} must be a finite number, 0 or more")
+        for low, high in (("min_size", "max_size"), ("min_steps", "max_steps"), ("min_guidance_scale", "max_guidance_scale")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low}={getattr(self, low)} is above {high}={getattr(self, high)}")
+        if self.min_size < 8 or self.min_size % 8 or self.max_size % 8:
+            raise ValueError(f"min_size={self.min_size} and max_size={self.max_size} must be multiples of 8, at least 8")
+        for name in ("min_steps", "max_num_images", "max_requests_per_submission", "max_campaign_images", "max_prompt_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        return self
 
 
 class Settings(BaseSettings):
@@ -240,6 +282,34 @@ class Settings(BaseSettings):
             super().__init__(**values)
         except pydantic.ValidationError as exc:
             raise ConfigError(_describe(exc)) from None
+        except (ValueError, TypeError, OSError) as exc:  # a .env file or value pydantic itself trips on
+            raise ConfigError(f"bad settings: {redact(str(exc))}") from None
+
+    def __repr_args__(self):
+        # repr(settings) / str(settings) show URLs without their passwords
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if isinstance(value, str) and name else value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _check_data_dir(cls, value: Path) -> Path:
+        text = str(value)
+        if "\x00" in text:
+            raise ValueError("must not contain NUL characters")
+        try:
+            os.fsencode(text)
+        except UnicodeEncodeError:
+            raise ValueError("is not a path this system can encode") from None
+        return value
+
+    @field_validator("default_scheduler")
+    @classmethod
+    def _check_default_scheduler(cls, value: str) -> str:
+        from farm.request.schedulers import SCHEDULER_NAMES
+
+        if value not in SCHEDULER_NAMES:
+            raise ValueError(f"{value!r} is not a scheduler; valid names: {', '.join(SCHEDULER_NAMES)}")
+        return value
 
     @field_validator("models", mode="before")
     @classmethod
@@ -254,7 +324,14 @@ class Settings(BaseSettings):
                         "(e.g. 'tiny=builtin:tiny,sd15=/models/sd15')"
                     )
                 pairs[name.strip()] = location.strip()
-            return pairs
+            value = pairs
+        if isinstance(value, dict):
+            for name in value:
+                if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or len(name) > MODEL_NAME_MAX_CHARS:
+                    raise ValueError(
+                        f"model name {name!r} must be 1 to {MODEL_NAME_MAX_CHARS} letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit"
+                    )
         return value
 
     @field_validator("render_warmup_sizes")
