@@ -10,10 +10,13 @@ import csv
 import hashlib
 import itertools
 import json
+import math
+import stat
 from pathlib import Path
 from typing import Any, Iterator
 
 from farm.errors import ValidationError
+from farm.request.text import shown, text_problem
 
 #: How a text value (a CSV cell, a --sweep value) becomes a request field.
 FIELD_TYPES: dict[str, type] = {
@@ -36,6 +39,13 @@ ID_COLUMN = "id"
 Row = tuple[int, str | None, dict[str, Any]]  # (line or row number, the id column's value, request fields)
 
 
+#: Longest line of a JSONL or CSV prompt file, in bytes (a row is a few request fields; a longer
+#: line is a broken or hostile file, refused before it is held in memory).
+MAX_LINE_BYTES = 1024 * 1024
+#: Longest row id (ids are hashed into item keys, never stored whole; this keeps errors and memory sane).
+MAX_ID_CHARS = 1000
+
+
 def coerce(field: str, value: Any, where: str) -> Any:
     """Turn a text value into the field's type; an error names where, the field and the value."""
     kind = FIELD_TYPES.get(field)
@@ -47,71 +57,190 @@ def coerce(field: str, value: Any, where: str) -> Any:
             return True
         if text.lower() in ("false", "0", "no"):
             return False
-        raise ValidationError(field, value, "must be true or false", where=where)
+        raise ValidationError(field, shown(value), "must be true or false", where=where)
     try:
-        return int(text) if kind is int else float(text)
+        if kind is int:
+            if len(text) > 20:  # past any limit; int() of 4,300+ digits raises anyway
+                raise ValueError
+            return int(text)
+        number = float(text)
     except ValueError:
-        raise ValidationError(field, value, f"must be {'an integer' if kind is int else 'a number'}", where=where) from None
+        raise ValidationError(field, shown(value), f"must be {'an integer' if kind is int else 'a number'}", where=where) from None
+    if not math.isfinite(number):
+        raise ValidationError(field, shown(value), "must be a finite number", where=where)
+    return number
+
+
+#: The canonical form a row's content is hashed in: exactly ``json.dumps(fields, sort_keys=True,
+#: ensure_ascii=False, default=str)`` (item keys of rows without an id depend on it, so it never
+#: changes), with the encoder built once instead of per row.
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str).encode
 
 
 def row_id(explicit: str | None, fields: dict[str, Any]) -> str:
     """A row's stable id: its ``id`` column, or else a hash of its content."""
     if explicit is not None:
         return explicit
-    canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:24]
+    # surrogatepass: valid text encodes as plain UTF-8 (same hash); a lone surrogate is hashed here
+    # and refused by the request checks, which name its field
+    return hashlib.sha256(_CANONICAL(fields).encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
 def finish_row(number: int, raw: dict[str, Any], where: str) -> Row:
-    fields = {k: coerce(k, v, where) for k, v in raw.items() if v is not None and v != ""}
+    fields = {}
+    for key, value in raw.items():
+        if value is None or (value.__class__ is str and not value):
+            continue
+        if key.__class__ is not str:
+            raise ValidationError("column", shown(key), "column names must be text", where=where)
+        fields[key] = coerce(key, value, where)
     if not isinstance(fields.get("prompt"), str):
-        raise ValidationError("prompt", fields.get("prompt"), "is required in every row", where=where)
+        raise ValidationError("prompt", shown(fields.get("prompt")), "is required in every row", where=where)
     explicit = fields.pop(ID_COLUMN, None)
-    return number, str(explicit) if explicit is not None else None, fields
+    if explicit is None:
+        return number, None, fields
+    if isinstance(explicit, bool) or not isinstance(explicit, (str, int)):
+        raise ValidationError(ID_COLUMN, shown(explicit), "must be text or an integer", where=where)
+    explicit = str(explicit)
+    if len(explicit) > MAX_ID_CHARS:
+        raise ValidationError(ID_COLUMN, shown(explicit), f"is {len(explicit)} characters; at most {MAX_ID_CHARS}", where=where)
+    problem = text_problem(explicit)
+    if problem:
+        raise ValidationError(ID_COLUMN, shown(explicit), problem, where=where)
+    return number, explicit, fields
 
 
 def read_rows(path: Path) -> Iterator[Row]:
-    """Stream ``(number, id column or None, fields)`` from a ``.jsonl``, ``.csv`` or ``.parquet`` file."""
+    """Stream ``(number, id column or None, fields)`` from a ``.jsonl``, ``.csv`` or ``.parquet`` file.
+
+    The file must be a regular file (not a directory, a device such as /dev/zero, or a pipe), its
+    text UTF-8 (a byte-order mark is skipped), its lines at most :data:`MAX_LINE_BYTES`; a Parquet
+    file must be one. Each problem is one ValidationError naming the file and line.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        yield from _jsonl(path)
-    elif suffix == ".csv":
+    if suffix not in (".jsonl", ".ndjson", ".csv", ".parquet"):
+        raise ValidationError("file", shown(path.name), "must end in .jsonl, .csv or .parquet")
+    _check_regular(path)
+    if suffix == ".csv":
         yield from _csv(path)
     elif suffix == ".parquet":
         yield from _parquet(path)
     else:
-        raise ValidationError("file", path.name, "must end in .jsonl, .csv or .parquet")
+        yield from _jsonl(path)
+
+
+def _check_regular(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except (OSError, ValueError) as exc:
+        raise ValidationError("file", shown(str(path)), f"cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a device or pipe, not a regular file"
+        raise ValidationError("file", shown(str(path)), f"is {kind}; give a .jsonl, .csv or .parquet file")
+
+
+def _open(path: Path, **kwargs):
+    try:
+        return open(path, **kwargs)
+    except OSError as exc:
+        raise ValidationError("file", shown(str(path)), f"cannot be read ({exc.strerror or exc})") from None
+
+
+def _long_line(path: Path, number: int) -> ValidationError:
+    return ValidationError(
+        "line", f"more than {MAX_LINE_BYTES} bytes", f"is too long: lines of a prompt file hold at most {MAX_LINE_BYTES} "
+        "bytes (is it a prompt file?)", where=f"{path.name} line {number}",
+    )
+
+
+def _not_utf8(path: Path, number: int, line: bytes, exc: UnicodeDecodeError) -> ValidationError:
+    return ValidationError(
+        "line", shown(line[max(0, exc.start - 20) : exc.start + 20]),
+        f"is not UTF-8 text (byte 0x{line[exc.start]:02x} at byte {exc.start + 1} of the line): save the file as UTF-8",
+        where=f"{path.name} line {number}",
+    )
 
 
 def _jsonl(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with _open(path, mode="rb") as handle:
+        number = 0
+        while line := handle.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(line) > MAX_LINE_BYTES:
+                raise _long_line(path, number)
+            if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, number, line, exc) from None
+            if not text.strip():
                 continue
             where = f"{path.name} line {number}"
             try:
-                raw = json.loads(line)
+                raw = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ValidationError("line", line.strip()[:60], f"is not valid JSON ({exc.msg})", where=where) from None
+                raise ValidationError("line", shown(text.strip()[:60]), f"is not valid JSON ({exc.msg})", where=where) from None
+            except RecursionError:
+                raise ValidationError("line", shown(text.strip()[:60]), "nests JSON too deep: a row is an object of request fields", where=where) from None
+            except ValueError as exc:  # an integer of more than 4,300 digits
+                raise ValidationError("line", shown(text.strip()[:60]), f"is not valid JSON ({exc})", where=where) from None
             if not isinstance(raw, dict):
-                raise ValidationError("line", line.strip()[:60], "must be a JSON object", where=where)
+                raise ValidationError("line", shown(text.strip()[:60]), "must be a JSON object", where=where)
             yield finish_row(number, raw, where)
 
 
+def _bounded_lines(handle, path: Path) -> Iterator[str]:
+    """The lines of a text file, refusing one longer than MAX_LINE_BYTES (counted in characters)."""
+    number = 0
+    while line := handle.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(line) > MAX_LINE_BYTES:
+            raise _long_line(path, number)
+        yield line
+
+
 def _csv(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        if "prompt" not in columns:
-            raise ValidationError(
-                "prompt", None, f"column is missing; the header has {columns}", where=f"{path.name} line 1"
-            )
-        for raw in reader:
-            where = f"{path.name} line {reader.line_num}"
-            if None in raw:
-                raise ValidationError("line", raw[None], f"has more cells than the {len(columns)} columns", where=where)
-            yield finish_row(reader.line_num, raw, where)
+    with _open(path, mode="r", encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(_bounded_lines(handle, path), strict=True)
+        start = 1
+        try:
+            columns = next(reader, None) or []
+            if "prompt" not in columns:
+                raise ValidationError(
+                    "prompt", None, f"column is missing; the header has {shown(columns)!r}", where=f"{path.name} line 1"
+                )
+            width = len(columns)
+            while True:
+                start = reader.line_num + 1
+                cells = next(reader, None)
+                if cells is None:
+                    return
+                if not cells:  # an empty line
+                    continue
+                where = f"{path.name} line {reader.line_num}"
+                if len(cells) > width:
+                    raise ValidationError("line", shown(cells[width:]), f"has more cells than the {width} columns", where=where)
+                yield finish_row(reader.line_num, dict(zip(columns, cells)), where)
+        except csv.Error as exc:
+            message = str(exc)
+            if "unexpected end of data" in message:
+                message = 'a quoted cell opens on this line and is never closed (an unbalanced ")'
+            raise ValidationError("line", f"line {start}", f"is not valid CSV: {message}", where=f"{path.name} line {start}") from None
+        except UnicodeDecodeError:
+            raise _first_bad_utf8(path) from None
+
+
+def _first_bad_utf8(path: Path) -> ValidationError:
+    """The first line of ``path`` that is not UTF-8 (after a decode error somewhere in its text)."""
+    with _open(path, mode="rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return _not_utf8(path, number, line, exc)
+    return ValidationError("file", shown(path.name), "is not UTF-8 text: save the file as UTF-8")
 
 
 def _parquet(path: Path) -> Iterator[Row]:
@@ -119,46 +248,86 @@ def _parquet(path: Path) -> Iterator[Row]:
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - pyarrow ships with the campaign extra
         raise ValidationError("file", path.name, "reading Parquet needs pyarrow: pip install 'farm[campaign]'") from None
-    table = pq.ParquetFile(path)
-    if "prompt" not in table.schema_arrow.names:
-        raise ValidationError("prompt", None, f"column is missing; the columns are {table.schema_arrow.names}", where=path.name)
+    import pyarrow as pa
+
+    try:
+        table = pq.ParquetFile(path)
+        names = table.schema_arrow.names
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise ValidationError("file", shown(path.name), f"is not a readable Parquet file ({_first_line(exc)})") from None
+    if "prompt" not in names:
+        raise ValidationError("prompt", None, f"column is missing; the columns are {shown(names)!r}", where=path.name)
     number = 0
-    for batch in table.iter_batches(batch_size=4096):
-        for raw in batch.to_pylist():
+    batches = table.iter_batches(batch_size=4096)
+    while True:
+        try:
+            batch = next(batches, None)
+            rows = batch.to_pylist() if batch is not None else None
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise ValidationError(
+                "file", shown(path.name), f"is not a readable Parquet file ({_first_line(exc)})", where=f"{path.name} row {number + 1}"
+            ) from None
+        if rows is None:
+            return
+        for raw in rows:
             number += 1
             yield finish_row(number, raw, f"{path.name} row {number}")
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0][:200] if text else type(exc).__name__)
+
+
 def parse_sweeps(items: list[str] | dict[str, list[Any]]) -> dict[str, list[Any]]:
-    """``["seed=1,2,3", "guidance_scale=5,7.5"]`` → ``{"seed": [1, 2, 3], "guidance_scale": [5.0, 7.5]}``."""
-    if isinstance(items, dict):
-        return {
-            field: _sweep_values(field, [str(v) for v in (values if isinstance(values, (list, tuple)) else [values])])
-            for field, values in items.items()
-        }
+    """``["seed=1,2,3", "guidance_scale=5,7.5"]`` → ``{"seed": [1, 2, 3], "guidance_scale": [5.0, 7.5]}``.
+
+    Refused: a field that cannot be swept or is swept twice, a value given twice (both would be the
+    same images), and ``size`` with ``width`` or ``height`` (they set the same fields).
+    """
     sweeps: dict[str, list[Any]] = {}
-    for item in items:
-        field, sep, values = item.partition("=")
-        field = field.strip()
-        if not sep or not values.strip():
-            raise ValidationError("sweep", item, "must be FIELD=V1,V2,… (e.g. seed=1,2,3)")
-        sweeps[field] = _sweep_values(field, values.split(","))
+    if isinstance(items, dict):
+        for field, values in items.items():
+            if not isinstance(field, str):
+                raise ValidationError("sweep", shown(field), f"must name a field; sweepable fields: {', '.join(SWEEPABLE)}")
+            sweeps[field] = _sweep_values(field, [str(v) for v in (values if isinstance(values, (list, tuple)) else [values])])
+    elif isinstance(items, (list, tuple)):
+        for item in items:
+            if not isinstance(item, str):
+                raise ValidationError("sweep", shown(item), "must be FIELD=V1,V2,… (e.g. seed=1,2,3)")
+            field, sep, values = item.partition("=")
+            field = field.strip()
+            if not sep or not values.strip():
+                raise ValidationError("sweep", shown(item), "must be FIELD=V1,V2,… (e.g. seed=1,2,3)")
+            if field in sweeps:
+                raise ValidationError("sweep", shown(field), "is swept twice: give all its values in one FIELD=V1,V2,…")
+            sweeps[field] = _sweep_values(field, values.split(","))
+    else:
+        raise ValidationError("sweeps", shown(items), 'must be a list like ["seed=1,2,3"] or a dict like {"seed": [1, 2, 3]}')
+    if "size" in sweeps and ("width" in sweeps or "height" in sweeps):
+        raise ValidationError("sweep", "size", "cannot be swept together with width or height (they set the same fields)")
     return sweeps
 
 
 def _sweep_values(field: str, values: list[str]) -> list[Any]:
     if field not in SWEEPABLE:
-        raise ValidationError("sweep", field, f"cannot be swept; sweepable fields: {', '.join(SWEEPABLE)}")
+        raise ValidationError("sweep", shown(field), f"cannot be swept; sweepable fields: {', '.join(SWEEPABLE)}")
     out = []
+    seen: set = set()
     for value in values:
         value = value.strip()
         if field == "size":
             w, sep, h = value.lower().partition("x")
             if not sep:
-                raise ValidationError("sweep size", value, "must be WIDTHxHEIGHT, e.g. 512x768")
-            out.append({"width": coerce("width", w, "sweep size"), "height": coerce("height", h, "sweep size")})
+                raise ValidationError("sweep size", shown(value), "must be WIDTHxHEIGHT, e.g. 512x768")
+            parsed: Any = {"width": coerce("width", w, "sweep size"), "height": coerce("height", h, "sweep size")}
+            ident: Any = (parsed["width"], parsed["height"])
         else:
-            out.append(coerce(field, value, f"sweep {field}"))
+            parsed = ident = coerce(field, value, f"sweep {field}")
+        if ident in seen:
+            raise ValidationError(f"sweep {field}", shown(value), "is given twice (both would be the same images)")
+        seen.add(ident)
+        out.append(parsed)
     if not out:
         raise ValidationError("sweep", field, "needs at least one value")
     return out

@@ -1,10 +1,18 @@
 """Campaigns: many images from a prompt file × sweeps, resumable, idempotent, controllable.
 
-Submitting reads the input twice, streaming: a first pass validates every row and counts the images
-(so a bad line or a sweep past the cap stops everything before anything is written), a second pass
-writes and publishes in chunks. Each image has a stable ``item_key`` (row id × sweep values × index),
-so submitting the same file again, or after the submitter was killed half way, adds only what is
-missing, and publishes what was recorded but never reached the broker.
+Submitting reads the input once, streaming, inside ONE database transaction: each row is checked
+and expanded (``farm.request.intake``), and its images are written chunk by chunk as they come. A
+bad line, a repeated row id or a sweep past the cap anywhere in the input raises before the commit,
+so the transaction is rolled back: nothing is written (not even the campaign's row), nothing is
+queued. Only after the commit is anything published, chunk by chunk, and each chunk's submission is
+marked published (``published_at``) once its messages reached the broker. Each image has a stable
+``item_key`` (row id × sweep values × index), so submitting the same file again, or after the
+submitter was killed half way, adds only what is missing, and publishes what was recorded but never
+reached the broker. The sweep product is counted (multiplied) before it is built, so a sweep past
+the cap is refused at once.
+
+On SQLite the transaction holds the database's write lock for the whole pass (about 10 s per
+100k images): embedded workers wait for it (busy timeout 60 s). PostgreSQL has no such limit.
 
 This module holds submitting: :class:`Campaign` (the handle ``farm.campaign(name)`` returns) and
 :class:`SubmitReport`. Control and status (pause, resume, cancel, retry failed, status, wait, and
@@ -16,13 +24,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import uuid
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from farm import lifecycle
 from farm.campaigns.control import CampaignControl, CampaignStatus
@@ -31,6 +41,7 @@ from farm.db.tables import CampaignRecord, CampaignState, ImageRecord, Status, S
 from farm.dispatch.publish import mark_published, publish, publish_queued
 from farm.errors import ValidationError
 from farm.request.spec import ImageSpec
+from farm.request.text import check_name, shown, text_problem
 
 if TYPE_CHECKING:
     from farm.request.intake import Intake
@@ -65,10 +76,35 @@ class SubmitReport:
         )
 
 
+#: Images whose planned task batches are held in memory until the commit, to be published as
+#: planned (labels, LoRA affinity routing). Chunks past it are published from the database after the
+#: commit (``publish_queued``), so a 5M-image campaign does not hold 5M image ids in memory.
+HOLD_IMAGES = 400_000
+#: Longest campaign name: its submissions are labelled ``campaign:NAME`` in a 255-character column.
+NAME_MAX_CHARS = 200
+
+
+class _InTransaction:
+    """Hands :func:`farm.lifecycle.record` the open session as its sessionmaker, so each chunk it
+    records joins the submit's one transaction instead of committing on its own."""
+
+    def __init__(self, session):
+        self._session = session
+
+    @contextmanager
+    def begin(self):
+        yield self._session
+
+    def __call__(self):
+        return nullcontext(self._session)
+
+
 @dataclass
-class _Item:
-    key: str
-    spec: ImageSpec
+class _Chunk:
+    """A recorded chunk, published after the commit: its batches, or None (publish from the database)."""
+
+    submission_id: str
+    batches: list | None
 
 
 class Campaign(CampaignControl):
@@ -78,10 +114,9 @@ class Campaign(CampaignControl):
     :class:`~farm.campaigns.control.CampaignControl`.
     """
 
-    #: Set by ``submit``: the campaign had no image yet, so no item key can exist (skips the lookups).
-    _fresh = False
-
     def __init__(self, services: "Services", name: str, *, intake: Callable[[], "Intake"]):
+        if not isinstance(name, str) or text_problem(name):
+            raise ValidationError("name", shown(name), "must be text (valid Unicode, no NUL)" if isinstance(name, str) else "must be a string")
         super().__init__(services, name)
         #: makes the request path for one submit (``Farm.intake``): model defaults, inputs, LoRAs, checks
         self._intake = intake
@@ -101,129 +136,191 @@ class Campaign(CampaignControl):
         Each row is a request like any other (``farm.request.intake``): the model's defaults, LoRAs
         (``loras``: names with weights), init images and masks (paths relative to the prompt file,
         or URIs of the farm's storage), strength, clip skip… A row and the same plain request give
-        identical parameters.
+        identical parameters. ``on_total`` gets the report with the count and GPU-time estimate once
+        the whole input is checked, before anything is committed or queued.
         """
+        check_name("campaign", self.name, max_chars=NAME_MAX_CHARS)
+        if priority is not None and (priority.__class__ is not int or not 0 <= priority <= 9):
+            raise ValidationError("priority", shown(priority), "must be an integer between 0 (first) and 9 (last)")
         settings = self._services.settings
-        intake = self._intake()
-        sweep_values = parse_sweeps(sweeps or [])
-        combos = combinations(sweep_values)
-        if priority is not None and not 0 <= priority <= 9:
-            raise ValidationError("priority", priority, "must be between 0 (first) and 9 (last)")
-
-        # pass 1: validate everything and count, before anything is written
-        total, estimate = 0, 0.0
-        per_step = self._seconds_per_step()
         cap = settings.limits.max_campaign_images
-        for item in self._items(intake, source, combos, keys=False):
-            total += 1
-            if total > cap:
-                raise ValidationError(
-                    "images", f"more than {cap}", f"the input × sweeps expands past the cap of {cap} images "
-                    "(FARM_LIMITS__MAX_CAMPAIGN_IMAGES)",
-                )
-            estimate += item.spec.steps * per_step * (item.spec.width * item.spec.height) / (512 * 512)
-        report = SubmitReport(campaign=self.name, total=total, estimated_gpu_seconds=estimate, dry_run=dry_run)
-        if on_total is not None:  # the count and estimate, shown before anything is submitted
-            on_total(report)
+        sweep_values = parse_sweeps(sweeps or [])
+        product = math.prod(len(values) for values in sweep_values.values())
+        if product > cap:  # counted before the product is built
+            raise ValidationError(
+                "sweeps", f"{product} combinations", f"every row would expand past the cap of {cap} images "
+                "(FARM_LIMITS__MAX_CAMPAIGN_IMAGES)",
+            )
+        combos = combinations(sweep_values)
+        intake = self._intake()
+        per_step = self._seconds_per_step()
+        report = SubmitReport(campaign=self.name, total=0, dry_run=dry_run)
         if dry_run:
+            for chunk in self._chunks(intake, source, combos, cap, settings.campaign_chunk_size):
+                self._count(report, chunk, per_step)
+            if on_total is not None:
+                on_total(report)
             return report
 
-        # pass 2: store the input images (once each), write new images and publish them, chunk by chunk
-        intake.upload_inputs()
-        record = self._ensure(priority)
-        self._fresh = not self._has_images(record)  # a new campaign: no key can exist yet
-        chunk: list[_Item] = []
-        for item in self._items(intake, source, combos):
-            chunk.append(item)
-            if len(chunk) >= settings.campaign_chunk_size:
-                self._write_chunk(record, chunk, report)
-                chunk = []
-        if chunk:
-            self._write_chunk(record, chunk, report)
+        sessions = self._services.sessions
+        with sessions.begin() as session:  # one transaction: any error below rolls every write back
+            record = self._ensure(session, priority)
+            fresh = not self._has_images(session, record)  # a new campaign: no key can exist yet
+            recorded: list[_Chunk] = []
+            held = 0
+            for chunk in self._chunks(intake, source, combos, cap, settings.campaign_chunk_size):
+                self._count(report, chunk, per_step)
+                written = self._write_chunk(session, record, chunk, report, fresh=fresh)
+                if written is not None:
+                    submission_id, batches, count = written
+                    keep = held + count <= HOLD_IMAGES
+                    held += count if keep else 0
+                    recorded.append(_Chunk(submission_id, batches if keep else None))
+            if on_total is not None:  # the count and estimate, before anything is committed or queued
+                on_total(report)
+            intake.upload_inputs()  # every row is valid: store the input images (once each, by content)
+        # committed: now queue, chunk by chunk, and mark each chunk published once it is
+        if record.state == CampaignState.active.value:
+            self._publish(record, recorded)
         report.published_again = self._publish_unpublished(record)
         return report
 
-    def _items(self, intake, source, combos: list[dict[str, Any]], *, keys: bool = True) -> Iterator[_Item]:
+    def _chunks(self, intake, source, combos, cap: int, size: int) -> Iterator[list[tuple[str, ImageSpec]]]:
+        """``(item_key, spec)`` lists of up to ``size`` images: every row checked and expanded, its
+        id unique in the input, the total under ``cap``."""
         combo_keys = [json.dumps(combo, sort_keys=True) for combo in combos]
         base_dir = Path(source).resolve().parent if isinstance(source, (str, Path)) else None
+        seen: dict[Any, int] = {}  # row id (or its digest) → the line that first had it
+        chunk: list[tuple[str, ImageSpec]] = []
+        total = 0
+        prepare = intake.prepare
+        sha256 = hashlib.sha256
         for number, explicit, fields in self._rows(source):
-            rid = row_id(explicit, fields) if keys else ""
+            rid = row_id(explicit, fields)
+            seen_key = rid if len(rid) <= 40 else sha256(rid.encode()).digest()
+            first = seen.setdefault(seen_key, number)
+            if first != number:
+                raise self._repeated(source, number, first, explicit, fields)
             for combo, combo_key in zip(combos, combo_keys):
                 try:
-                    specs = intake.prepare({**fields, **combo}, base_dir=base_dir)
+                    specs = prepare({**fields, **combo} if combo else fields, base_dir=base_dir)
                 except ValidationError as exc:
                     raise exc.at(self._where(source, number)) from None
+                total += len(specs)
+                if total > cap:
+                    raise ValidationError(
+                        "images", f"more than {cap}", f"the input × sweeps expands past the cap of {cap} images "
+                        "(FARM_LIMITS__MAX_CAMPAIGN_IMAGES)", where=self._where(source, number),
+                    )
+                prefix = f"{rid}\x1f{combo_key}\x1f"
                 for index, spec in enumerate(specs):
-                    key = hashlib.sha256(f"{rid}\x1f{combo_key}\x1f{index}".encode()).hexdigest()[:40] if keys else ""
-                    yield _Item(key=key, spec=spec)
+                    chunk.append((sha256(f"{prefix}{index}".encode()).hexdigest()[:40], spec))
+                if len(chunk) >= size:
+                    yield chunk
+                    chunk = []
+        if chunk:
+            yield chunk
+
+    def _repeated(self, source, number: int, first: int, explicit: str | None, fields: dict) -> ValidationError:
+        where, earlier = self._where(source, number), f"{self._unit(source)} {first}"
+        if explicit is not None:
+            return ValidationError(
+                "id", shown(explicit), f"repeats {earlier}: each row's id must be unique in the input", where=where
+            )
+        return ValidationError(
+            "row", shown(fields.get("prompt")), f"is the same row as {earlier} (a row without an id is known by its "
+            "content, so both would be the same images): remove one, give each an id, or use num_images",
+            where=where,
+        )
+
+    @staticmethod
+    def _count(report: SubmitReport, chunk: list[tuple[str, ImageSpec]], per_step: float) -> None:
+        report.total += len(chunk)
+        report.estimated_gpu_seconds += per_step * sum(spec.steps * spec.width * spec.height for _, spec in chunk) / (512 * 512)
 
     @staticmethod
     def _rows(source) -> Iterator[Row]:
         if isinstance(source, (str, Path)):
             yield from read_rows(Path(source))
             return
+        if isinstance(source, (bytes, dict)) or not isinstance(source, Iterable):
+            raise ValidationError("source", shown(source), "must be a .jsonl/.csv/.parquet path or an iterable of dicts")
         for number, raw in enumerate(source, start=1):
             if not isinstance(raw, dict):
-                raise ValidationError("row", raw, "must be a dict of request fields", where=f"row {number}")
+                raise ValidationError("row", shown(raw), "must be a dict of request fields", where=f"row {number}")
             yield finish_row(number, raw, f"row {number}")
 
     @staticmethod
-    def _where(source, number: int) -> str:
-        return f"{Path(source).name} line {number}" if isinstance(source, (str, Path)) else f"row {number}"
+    def _unit(source) -> str:
+        """How the input counts its rows: a text file by line, Parquet and iterables by row."""
+        return "line" if isinstance(source, (str, Path)) and Path(source).suffix.lower() != ".parquet" else "row"
 
-    def _ensure(self, priority: int | None) -> CampaignRecord:
-        with self._services.sessions.begin() as session:
-            record = session.scalar(select(CampaignRecord).where(CampaignRecord.name == self.name))
-            if record is None:
-                record = CampaignRecord(
-                    id=str(uuid.uuid4()), name=self.name, state=CampaignState.active.value,
-                    priority=self._services.settings.campaign_priority if priority is None else priority,
-                )
-                session.add(record)
-            elif priority is not None:
-                record.priority = priority
-            if record.state == CampaignState.canceled.value:
-                raise ValidationError("campaign", self.name, "was canceled; submit under a new name")
-            session.flush()
-            session.expunge(record)
+    @classmethod
+    def _where(cls, source, number: int) -> str:
+        unit = f"{cls._unit(source)} {number}"
+        return f"{Path(source).name} {unit}" if isinstance(source, (str, Path)) else unit
+
+    def _ensure(self, session, priority: int | None) -> CampaignRecord:
+        record = session.scalar(select(CampaignRecord).where(CampaignRecord.name == self.name))
+        if record is None:
+            record = CampaignRecord(
+                id=str(uuid.uuid4()), name=self.name, state=CampaignState.active.value,
+                priority=self._services.settings.campaign_priority if priority is None else priority,
+            )
+            session.add(record)
+        elif priority is not None:
+            record.priority = priority
+        if record.state == CampaignState.canceled.value:
+            raise ValidationError("campaign", self.name, "was canceled; submit under a new name")
+        session.flush()
         return record
 
-    def _write_chunk(self, record: CampaignRecord, chunk: list[_Item], report: SubmitReport) -> None:
-        services = self._services
-        keys = [item.key for item in chunk]
+    def _write_chunk(self, session, record: CampaignRecord, chunk, report: SubmitReport, *, fresh: bool):
+        """Record the chunk's new images in the open transaction; ``(submission id, batches, count)`` or None."""
         existing: set[str] = set()
-        if not self._fresh:
-            with services.sessions() as session:
-                existing = set(
-                    session.scalars(
-                        select(ImageRecord.item_key).where(
-                            ImageRecord.campaign_id == record.id, ImageRecord.item_key.in_(keys)
-                        )
+        if not fresh:
+            existing = set(
+                session.scalars(
+                    select(ImageRecord.item_key).where(
+                        ImageRecord.campaign_id == record.id, ImageRecord.item_key.in_([key for key, _ in chunk])
                     )
                 )
-        fresh = [item for item in chunk if item.key not in existing]
-        report.existing += len(chunk) - len(fresh)
-        if not fresh:
-            return
+            )
+        new = [item for item in chunk if item[0] not in existing] if existing else chunk
+        report.existing += len(chunk) - len(new)
+        if not new:
+            return None
         paused = record.state == CampaignState.paused.value
         submission_id, batches = lifecycle.record(
-            services.sessions,
-            [item.spec for item in fresh],
-            num_requests=len(fresh),
-            settings=services.settings,
+            _InTransaction(session),
+            [spec for _, spec in new],
+            num_requests=len(new),
+            settings=self._services.settings,
             label=f"campaign:{self.name}",
             campaign_id=record.id,
-            item_keys=[item.key for item in fresh],
+            item_keys=[key for key, _ in new],
             status=Status.paused if paused else Status.queued,
         )
-        if not paused:
-            publish(services.celery, batches, services.settings, origin=f"campaign:{self.name}", priority=record.priority)
-            mark_published(services.sessions, SubmissionRecord.id == submission_id)
-        report.new += len(fresh)
+        report.new += len(new)
+        return submission_id, batches, len(new)
 
-    def _has_images(self, record: CampaignRecord) -> bool:
-        with self._services.sessions() as session:
-            return session.scalar(select(ImageRecord.id).where(ImageRecord.campaign_id == record.id).limit(1)) is not None
+    def _publish(self, record: CampaignRecord, recorded: list[_Chunk]) -> None:
+        """Queue what this submit recorded (committed), each chunk then marked published."""
+        services = self._services
+        origin = f"campaign:{self.name}"
+        for chunk in recorded:
+            if chunk.batches is not None:
+                publish(services.celery, chunk.batches, services.settings, origin=origin, priority=record.priority)
+            else:
+                publish_queued(
+                    services.sessions, services.celery, services.settings,
+                    ImageRecord.submission_id == chunk.submission_id, origin=origin,
+                )
+            mark_published(services.sessions, SubmissionRecord.id == chunk.submission_id)
+
+    @staticmethod
+    def _has_images(session, record: CampaignRecord) -> bool:
+        return session.scalar(select(ImageRecord.id).where(ImageRecord.campaign_id == record.id).limit(1)) is not None
 
     def _publish_unpublished(self, record: CampaignRecord) -> int:
         """Queue the images an earlier, interrupted submit recorded but never published."""

@@ -52,7 +52,7 @@ def test_sweeps_expand_as_a_product():
         ("bad.jsonl", '{"prompt": "ok"}\n{"prompt": "broken"\n', [], "line", "bad.jsonl line 2"),
         ("seed.csv", "prompt,seed\na,1\nb,one\n", [], "seed", "seed.csv line 3"),
         ("width.csv", "prompt,width\na,64\nb,100\n", [], "width", "width.csv line 3"),
-        ("cap.csv", "prompt\n" + "x\n" * 20, ["seed=1,2,3,4,5,6"], "images", None),
+        ("cap.csv", "prompt\n" + "".join(f"x{i}\n" for i in range(20)), ["seed=1,2,3,4,5,6"], "images", "cap.csv line 18"),
         ("sweep.csv", "prompt\nx\n", ["seed=1,b"], "seed", "sweep seed"),
         ("field.csv", "prompt\nx\n", ["prompt=a,b"], "sweep", None),
     ],
