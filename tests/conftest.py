@@ -164,13 +164,16 @@ def make_spec() -> Callable[..., Any]:
 class MemoryStorage:
     """A :class:`farm.storage.Storage` in a dict: the contract of ``FileStorage`` and ``S3Storage``
     (keys and metadata checked the same way, ``MissingObject`` for a missing object, deleting a
-    missing object is fine, ``uri``/``key_of`` round-trip), with two knobs for tests: ``delay`` (seconds
-    each put takes) and ``fail`` (keys whose put raises ``StorageError`` as a throttled S3 would).
+    missing object is fine, ``uri``/``key_of`` round-trip), with knobs for tests: ``delay`` (seconds
+    each put takes), ``hold`` (a ``threading.Event``: puts wait until it is set, as a storage that has
+    not answered yet; at most 30 s, then ``StorageError``) and ``fail`` (keys whose put raises
+    ``StorageError`` as a throttled S3 would).
     """
 
     def __init__(self, url: str = "memory://test-bucket", *, delay: float = 0.0, fail: set[str] | None = None):
         self.url = url
         self.delay = delay
+        self.hold: threading.Event | None = None
         self.fail: set[str] = set(fail or ())
         self.objects: dict[str, tuple[bytes, str, dict[str, str]]] = {}
         self._lock = threading.Lock()
@@ -189,6 +192,8 @@ class MemoryStorage:
         checked = check_metadata(metadata)
         if self.delay:
             time.sleep(self.delay)
+        if self.hold is not None and not self.hold.wait(timeout=30):
+            raise StorageError(f"S3 put timed out ({key}): the test never released MemoryStorage.hold")
         if key in self.fail:
             raise StorageError(f"S3 put failed: SlowDown ({key})")
         with self._lock:
@@ -245,7 +250,7 @@ class MemoryStorage:
 
 @pytest.fixture
 def memory_storage() -> MemoryStorage:
-    """A fresh, empty :class:`MemoryStorage` (set ``.delay`` / ``.fail`` to slow or break its puts)."""
+    """A fresh, empty :class:`MemoryStorage` (set ``.delay``, ``.hold`` or ``.fail`` to slow, stall or break its puts)."""
     return MemoryStorage()
 
 

@@ -1,14 +1,13 @@
 """workers.tasks.run_render past the claim, with the database and the GPU faked: chunks, out-of-memory,
 hand-off to the finisher, images given back when they cannot be stored.
 
-Storage is the shared in-memory fake (``memory_storage``: ``delay`` slows its puts, keys in ``fail``
-always fail as a throttled S3 would); the images are the shared ``make_spec`` at 64 px.
+Storage is the shared in-memory fake (``memory_storage``: ``delay`` slows its puts, ``hold`` stalls
+them, keys in ``fail`` always fail as a throttled S3 would); the images are the shared ``make_spec`` at 64 px.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -110,11 +109,11 @@ def run_task(monkeypatch, tmp_path, memory_storage, make_spec) -> Callable[..., 
 
 def test_the_task_returns_before_its_uploads_and_each_image_is_recorded_after_its_upload(run_task, memory_storage) -> None:
     storage = memory_storage
-    storage.delay = 0.3
-    started = time.perf_counter()
+    storage.hold = threading.Event()  # no upload can finish until the task has returned
     run = run_task()
-    assert time.perf_counter() - started < 0.3  # acked while the PNGs upload: the next task renders
+    assert storage.keys() == [] and run.recorded == {}  # acked while the PNGs upload: the next task renders
     assert run.outcome == {"rendered": 4, "seconds": 2.0, "chunks": 1}
+    storage.hold.set()
     assert run.ctx.finisher.wait(timeout=10)
     assert len(run.recorded) == 4 and all(uploaded for uploaded, _ in run.recorded.values())
     assert not run.released and not run.failed
