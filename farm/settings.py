@@ -262,6 +262,8 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
     s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    #: Attempts per S3 call, the first included (refused, reset, timed out, 5xx, throttled); then the
+    #: image waits in the worker's spool.
     s3_max_attempts: int = Field(default=5, ge=1)
     #: Seconds to connect to / wait for an answer from S3 on one attempt (a hung server fails fast).
     s3_connect_timeout: float = Field(default=5.0, gt=0)
@@ -272,6 +274,9 @@ class Settings(BaseSettings):
     #: Bytes of rendered PNGs a worker keeps in its local spool while storage is away; past it the
     #: worker stops taking tasks until storage answers.
     spool_bytes: int = Field(default=2 * 1024**3, ge=1024 * 1024)
+    #: Longest pause between two probes of a storage that is away (also the longest a worker takes
+    #: to notice it answers again).
+    spool_retry_max_seconds: float = Field(default=30.0, gt=0)
 
     limits: Limits = Field(default_factory=Limits)
 
