@@ -97,19 +97,13 @@ class WorkerContext:
 
     @property
     def finisher(self):
-        """Encodes, uploads and records rendered chunks on threads while the GPU renders on."""
+        """Encodes, uploads and records rendered chunks on threads while the GPU renders on; images
+        storage cannot take yet wait in this worker's spool (``workers.finishing.spool``)."""
         if self._finisher is None:
-            from workers.finishing.finisher import Finisher
-            from workers.finishing.uploader import Uploader
+            from workers.finishing.finisher import build_finisher
 
-            settings = self.settings
-            lease = settings.claim_lease_seconds
-            self._finisher = Finisher(
-                Uploader(self.storage, workers=settings.upload_threads, retries=settings.upload_retries),
-                record=self._record,
-                renew=self._renew,
-                renew_every=lease / 4,
-                max_pending=settings.upload_max_pending,
+            self._finisher = build_finisher(
+                self.settings, self.storage, worker=self.node, record=self._record, adopt=self._adopt, renew=self._renew
             )
         return self._finisher
 
@@ -120,6 +114,16 @@ class WorkerContext:
         return until_deadline(
             lambda: lifecycle.record_success(self.sessions, token, image_id, storage_key=key, **values),
             deadline_seconds=self.settings.infra_deadline_seconds, what="record an image",
+        )
+
+    def _adopt(self, token: str, image_id: str, key: str, values) -> bool:
+        """Record a spooled image, also one an earlier process of this worker left (if nobody rendered
+        it since: ``farm.lifecycle.record_success(adopt=True)``)."""
+        from farm.retrying import until_deadline
+
+        return until_deadline(
+            lambda: lifecycle.record_success(self.sessions, token, image_id, adopt=True, storage_key=key, **values),
+            deadline_seconds=self.settings.infra_deadline_seconds, what="record a spooled image",
         )
 
     def _renew(self, tokens) -> None:
@@ -183,7 +187,9 @@ class WorkerContext:
         self._lora_files = None
         self._finisher = None
         self._batch_plan = None
-        self.shutdown.install()
+        # images an earlier process of this worker rendered and spooled (storage was away): they
+        # upload while the model loads, and are recorded, not rendered again
+        self.finisher.drain_spool(timeout=0)
         try:
             self.model  # noqa: B018 - load now, not inside the first task
             self.warm_up()
@@ -192,6 +198,7 @@ class WorkerContext:
             # process dying and respawning in a loop.
             log.exception("model %s could not be loaded", self.model_name)
             return
+        self.finisher.drain_spool(timeout=60)
         self.advertise()
 
     def warm_up(self) -> None:

@@ -37,8 +37,10 @@ class Shutdown:
         return self.requested_at is not None and time.monotonic() - self.requested_at >= self.grace_seconds
 
     def install(self) -> None:
-        """Catch SIGTERM in this (render) process."""
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        """Catch SIGTERM in this (render) process. Called from the first task: billiard installs its
+        own SIGTERM handler in a pool process *after* Celery's ``worker_process_init``."""
+        if signal.getsignal(signal.SIGTERM) != self._on_sigterm:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def request(self) -> None:
         if self.requested_at is None:

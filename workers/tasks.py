@@ -56,6 +56,7 @@ def register(app: Celery, context: WorkerContext) -> Task:
 
 def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str) -> dict:
     shutdown = ctx.shutdown
+    shutdown.install()
     shutdown.busy = True
     try:
         return _run_render(task, ctx, image_ids, model)
