@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import re
+import stat
 import struct
 import uuid
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from sqlalchemy import select
 
 from farm.errors import NotFound, ValidationError
+from farm.request.text import shown, shown_path, text_problem
 from farm.storage.keys import content_key
 from farm.db.tables import LoraRecord, utcnow
 
@@ -31,7 +35,16 @@ __all__ = ["LoraInfo", "add", "inspect", "listing", "parse_ref", "remove", "reso
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 SD1_TABLE = Path(__file__).parent / "data" / "sd1_modules.json"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: A LoRA's name (``loras.name`` is varchar(128)); matched whole (``fullmatch``: ``$`` would let a
+#: trailing newline through).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: LoRAs one request may name.
+MAX_LORAS_PER_REQUEST = 16
+#: Bytes per element of each safetensors dtype (the format's own list).
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
 
 
 @dataclass(frozen=True)
@@ -67,7 +80,11 @@ def _module_of(key: str) -> tuple[str, str] | None:
     return module.replace(".", "_"), part
 
 
-def _header(data: bytes, label: str) -> dict[str, Any]:
+def _header(data: bytes, label: Any) -> dict[str, Any]:
+    """The tensors' entries of a safetensors header, checked against the file as safetensors itself
+    does: each entry has a known dtype, a shape of non-negative integers and ``data_offsets``
+    ``[begin, end]`` whose length is the shape's bytes, and the entries tile the data after the
+    header exactly (no gap, no overlap, nothing pointing past the end of the file)."""
     if len(data) < 8:
         raise ValidationError("lora", label, "is not a safetensors file (too short)")
     (length,) = struct.unpack("<Q", data[:8])
@@ -75,11 +92,50 @@ def _header(data: bytes, label: str) -> dict[str, Any]:
         raise ValidationError("lora", label, "is not a safetensors file (bad header length)")
     try:
         header = json.loads(data[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
         raise ValidationError("lora", label, "is not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise ValidationError("lora", label, "is not a safetensors file (header is not an object)")
     header.pop("__metadata__", None)
+    body = len(data) - 8 - length
+    spans = []
+    for key, meta in header.items():
+        where = f"is not a valid safetensors file: tensor {shown(key)!r}"
+        if not isinstance(meta, dict):
+            raise ValidationError("lora", label, f"{where} has no description")
+        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+        if dtype not in DTYPE_BYTES:
+            raise ValidationError("lora", label, f"{where} has dtype {shown(dtype)!r}; known: {', '.join(DTYPE_BYTES)}")
+        if not isinstance(shape, list) or not all(type(n) is int and 0 <= n < 2**40 for n in shape):
+            raise ValidationError("lora", label, f"{where} has shape {shown(shape)!r}, not a list of sizes")
+        if (
+            not isinstance(offsets, list) or len(offsets) != 2 or not all(type(n) is int for n in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise ValidationError("lora", label, f"{where} has data_offsets {shown(offsets)!r}, not [begin, end]")
+        if offsets[1] > body:
+            raise ValidationError(
+                "lora", label, f"{where} ends at byte {offsets[1]} of the data, past its end ({body} bytes): "
+                "truncated or corrupt",
+            )
+        if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise ValidationError(
+                "lora", label, f"{where} holds {offsets[1] - offsets[0]} bytes; shape {shape} of {dtype} needs "
+                f"{math.prod(shape) * DTYPE_BYTES[dtype]}",
+            )
+        spans.append((offsets[0], offsets[1], key))
+    position = 0
+    for begin, end, key in sorted(spans):
+        if begin != position:
+            raise ValidationError(
+                "lora", label, f"is not a valid safetensors file: tensor {shown(key)!r} starts at byte {begin} of the "
+                f"data, expected {position} (tensors overlap or leave a gap)",
+            )
+        position = end
+    if position != body:
+        raise ValidationError(
+            "lora", label, f"is not a valid safetensors file: its tensors cover {position} of the {body} data bytes",
+        )
     return header
 
 
@@ -104,26 +160,47 @@ def _tables(services: "Services") -> dict[str, dict[str, list[int]]]:
     return tables
 
 
-def inspect(services: "Services", source: str | Path | bytes) -> LoraInfo:
-    """Check a LoRA file; raise :class:`~farm.errors.ValidationError` saying what is wrong."""
-    limits = services.settings.limits
-    label = str(source) if isinstance(source, (str, Path)) else f"<{len(source)} bytes>"
-    if isinstance(source, (str, Path)):
+def _load(source: str | Path | bytes, limits) -> tuple[bytes, Any]:
+    """``(data, label)``: the bytes of a LoRA file (a regular file, read once, up to the size cap)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        label: Any = f"<{len(data)} bytes>"
+    elif isinstance(source, (str, Path)):
+        label = shown_path(source)
         path = Path(source)
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise ValidationError(
                 "lora", label, "is a pickle file: farm loads safetensors only and never unpickles; "
                 "convert it (e.g. load it yourself and save with safetensors.torch.save_file)"
             )
-        if not path.is_file():
-            raise ValidationError("lora", label, "does not exist")
-        if path.stat().st_size > limits.max_lora_bytes:
-            raise ValidationError("lora", label, f"is {path.stat().st_size} bytes; at most {limits.max_lora_bytes} (FARM_LIMITS__MAX_LORA_BYTES)")
-        data = path.read_bytes()
+        try:  # O_NONBLOCK: a pipe must not block the open (regular files ignore it)
+            handle = os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+        except FileNotFoundError:
+            raise ValidationError("lora", label, "does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise ValidationError("lora", label, f"cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+        with handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device or pipe"
+                raise ValidationError("lora", label, f"is {kind}, not a safetensors file")
+            if info.st_size > limits.max_lora_bytes:
+                raise ValidationError("lora", label, f"is {info.st_size} bytes; at most {limits.max_lora_bytes} (FARM_LIMITS__MAX_LORA_BYTES)")
+            data = handle.read(limits.max_lora_bytes + 1)
     else:
-        data = bytes(source)
+        raise ValidationError("lora", type(source).__name__, "must be a file path or bytes")
     if len(data) > limits.max_lora_bytes:
         raise ValidationError("lora", label, f"is {len(data)} bytes; at most {limits.max_lora_bytes} (FARM_LIMITS__MAX_LORA_BYTES)")
+    return data, label
+
+
+def inspect(services: "Services", source: str | Path | bytes) -> LoraInfo:
+    """Check a LoRA file; raise :class:`~farm.errors.ValidationError` saying what is wrong."""
+    data, label = _load(source, services.settings.limits)
+    return _inspect(services, data, label)
+
+
+def _inspect(services: "Services", data: bytes, label: Any) -> LoraInfo:
     if data[:2] == b"\x80\x02" or data[:4] == b"PK\x03\x04":
         raise ValidationError("lora", label, "is a pickle/zip (torch.save) file: farm loads safetensors only and never unpickles")
     header = _header(data, label)
@@ -172,13 +249,13 @@ def _fits(parts: Mapping[str, list[int]], shape: list[int] | None) -> bool:
 
 def add(services: "Services", source: str | Path | bytes, name: str) -> LoraRecord:
     """Check, upload (once, by content) and register a LoRA under ``name``."""
-    if not isinstance(name, str) or not NAME.match(name):
-        raise ValidationError("name", name, "must be 1–128 letters, digits, '.', '_' or '-', starting with a letter or digit")
-    info = inspect(services, source)
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ValidationError("name", shown(name), "must be 1–128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    data, label = _load(source, services.settings.limits)  # read once: what is checked is what is stored
+    info = _inspect(services, data, label)
     with services.sessions() as session:
         if session.scalar(select(LoraRecord).where(LoraRecord.name == name)) is not None:
             raise ValidationError("name", name, "is taken: `farm lora rm` it first, or pick another name")
-    data = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
     if not services.storage.exists(info.key):
         services.storage.put(info.key, data, content_type="application/octet-stream")
     record = LoraRecord(
@@ -210,7 +287,7 @@ def parse_ref(text: str, *, index: int | None = None, field: str = "loras") -> d
     try:
         return {"name": name.strip(), "weight": float(weight) if sep else 1.0}
     except ValueError:
-        raise ValidationError(field, text, "must be NAME or NAME:WEIGHT, e.g. ink:0.8", index=index) from None
+        raise ValidationError(field, shown(text), "must be NAME or NAME:WEIGHT, e.g. ink:0.8", index=index) from None
 
 
 def resolve(services: "Services", refs: Any, index: int | None = None) -> tuple[tuple[str, float], ...]:
@@ -224,7 +301,9 @@ def resolve(services: "Services", refs: Any, index: int | None = None) -> tuple[
     if isinstance(refs, str):
         refs = [part for part in refs.replace(",", " ").split() if part]
     if not isinstance(refs, (list, tuple)):
-        raise ValidationError("loras", refs, 'must be a list like [{"name": "ink", "weight": 0.8}]', index=index)
+        raise ValidationError("loras", shown(refs), 'must be a list like [{"name": "ink", "weight": 0.8}]', index=index)
+    if len(refs) > MAX_LORAS_PER_REQUEST:
+        raise ValidationError("loras", f"{len(refs)} LoRAs", f"at most {MAX_LORAS_PER_REQUEST} per request", index=index)
     resolved = []
     with services.sessions() as session:
         for n, ref in enumerate(refs):
@@ -232,12 +311,16 @@ def resolve(services: "Services", refs: Any, index: int | None = None) -> tuple[
             if isinstance(ref, str):
                 ref = parse_ref(ref, index=index, field=where)
             if not isinstance(ref, Mapping) or not ({"name", "sha256"} & set(ref)):
-                raise ValidationError(where, ref, 'must be {"name": …, "weight": …} or {"sha256": …, "weight": …}', index=index)
+                raise ValidationError(where, shown(ref), 'must be {"name": …, "weight": …} or {"sha256": …, "weight": …}', index=index)
             weight = ref.get("weight", 1.0)
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not -4.0 <= weight <= 4.0:
-                raise ValidationError(f"{where}.weight", weight, "must be a number between -4 and 4", index=index)
+                raise ValidationError(f"{where}.weight", shown(weight), "must be a number between -4 and 4", index=index)
             column = LoraRecord.name if "name" in ref else LoraRecord.sha256
             value = ref.get("name", ref.get("sha256"))
+            if not isinstance(value, str) or len(value) > 128 or text_problem(value, names=True):
+                raise ValidationError(
+                    where, shown(value), "must name a registered LoRA by its name or sha256 (`farm lora list`)", index=index
+                )
             record = session.scalar(select(LoraRecord).where(column == value).limit(1))
             if record is None:
                 known = ", ".join(session.scalars(select(LoraRecord.name).order_by(LoraRecord.name).limit(20)))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from farm.errors import ValidationError
+from farm.request.text import shown, shown_path
 from farm.storage.keys import content_key
 from farm.settings import Limits
 
@@ -40,17 +43,25 @@ class PreparedImage:
 
 
 def _read(source: str | Path | bytes, field: str, limits: Limits, index: int | None) -> bytes:
-    if isinstance(source, (bytes, bytearray)):
+    """The bytes of ``source``: bytes as given, or a regular file read up to the byte limit (a
+    directory, a device such as /dev/zero or a pipe is refused before anything is read)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif isinstance(source, (str, Path)):
-        path = Path(source)
-        try:
-            size = path.stat().st_size
-        except OSError as exc:
-            raise ValidationError(field, str(source), f"cannot be read ({exc.strerror})", index=index) from None
-        if size > limits.max_input_bytes:
-            raise ValidationError(field, str(source), f"is {size} bytes; at most {limits.max_input_bytes} are allowed", index=index)
-        data = path.read_bytes()
+        where = shown_path(source)
+        try:  # O_NONBLOCK: opening a pipe must not wait for a writer (regular files ignore it)
+            handle = os.fdopen(os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+        except (OSError, ValueError) as exc:  # missing, unreadable, a NUL or an unencodable character in the path
+            raise ValidationError(field, where, f"cannot be read ({getattr(exc, 'strerror', None) or exc})", index=index) from None
+        with handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                kind = "a directory" if stat.S_ISDIR(mode) else "a device or pipe"
+                raise ValidationError(field, where, f"is {kind}, not an image file", index=index)
+            size = os.fstat(handle.fileno()).st_size
+            if size > limits.max_input_bytes:
+                raise ValidationError(field, where, f"is {size} bytes; at most {limits.max_input_bytes} are allowed", index=index)
+            data = handle.read(limits.max_input_bytes + 1)  # the file may have grown since
     else:
         raise ValidationError(field, type(source).__name__, "must be a file path or bytes", index=index)
     if len(data) > limits.max_input_bytes:
@@ -66,7 +77,7 @@ def prepare_image(
     Raises :class:`~farm.errors.ValidationError` naming the field, what was wrong and the limit.
     """
     data = _read(source, field, limits, index)
-    label = str(source) if isinstance(source, (str, Path)) else f"<{len(data)} bytes>"
+    label = shown_path(source) if isinstance(source, (str, Path)) else f"<{len(data)} bytes>"
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:

@@ -21,7 +21,9 @@ from typing import Any
 
 from farm.errors import ValidationError
 
-__all__ = ["LABEL_MAX_CHARS", "Shown", "check_label", "check_name", "check_text", "shown", "text_problem"]
+__all__ = [
+    "LABEL_MAX_CHARS", "Shown", "check_label", "check_name", "check_text", "shown", "shown_path", "text_problem",
+]
 
 #: A submission's label: ``submissions.label`` is ``varchar(255)``.
 LABEL_MAX_CHARS = 255
@@ -95,6 +97,15 @@ def shown(value: Any) -> Any:
         return Shown(_REPR.repr(value))
     except Exception:  # noqa: BLE001 - a hostile __repr__: describe by type alone
         return Shown(f"<a {type(value).__name__}>")
+
+
+def shown_path(path: Any) -> Any:
+    """A file path as an error shows it: whole up to 200 characters, else its end (the file's name
+    matters more than its folders)."""
+    text = str(path)
+    if len(text) <= 200:
+        return text if not text_problem(text) else Shown(repr(text))
+    return Shown(repr("…" + text[-150:]))
 
 
 def text_problem(value: str, *, names: bool = False) -> str | None:
