@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from farm.errors import ValidationError
-from farm.request.text import shown, text_problem
+from farm.request.text import shown, shown_path, text_problem
 
 #: How a text value (a CSV cell, a --sweep value) becomes a request field.
 FIELD_TYPES: dict[str, type] = {
@@ -121,10 +121,11 @@ def read_rows(path: Path) -> Iterator[Row]:
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".ndjson", ".csv", ".parquet"):
         raise ValidationError("file", shown(path.name), "must end in .jsonl, .csv or .parquet")
-    _check_regular(path)
     if suffix == ".csv":
+        _check_regular(path)
         yield from _csv(path)
     elif suffix == ".parquet":
+        _check_regular(path)
         yield from _parquet(path)
     else:
         yield from _jsonl(path)
@@ -134,17 +135,17 @@ def _check_regular(path: Path) -> None:
     try:
         mode = path.stat().st_mode
     except (OSError, ValueError) as exc:
-        raise ValidationError("file", shown(str(path)), f"cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+        raise ValidationError("file", shown_path(path), f"cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
     if not stat.S_ISREG(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "a device or pipe, not a regular file"
-        raise ValidationError("file", shown(str(path)), f"is {kind}; give a .jsonl, .csv or .parquet file")
+        raise ValidationError("file", shown_path(path), f"is {kind}; give a .jsonl, .csv or .parquet file")
 
 
 def _open(path: Path, **kwargs):
     try:
         return open(path, **kwargs)
     except OSError as exc:
-        raise ValidationError("file", shown(str(path)), f"cannot be read ({exc.strerror or exc})") from None
+        raise ValidationError("file", shown_path(path), f"cannot be read ({exc.strerror or exc})") from None
 
 
 def _long_line(path: Path, number: int) -> ValidationError:
@@ -162,7 +163,11 @@ def _not_utf8(path: Path, number: int, line: bytes, exc: UnicodeDecodeError) -> 
     )
 
 
-def _jsonl(path: Path) -> Iterator[Row]:
+def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` for each non-empty line of a JSONL file (a regular, UTF-8 file of
+    bounded lines); a line that is not JSON is a ValidationError naming the file and line."""
+    path = Path(path)
+    _check_regular(path)
     with _open(path, mode="rb") as handle:
         number = 0
         while line := handle.readline(MAX_LINE_BYTES + 1):
@@ -179,16 +184,21 @@ def _jsonl(path: Path) -> Iterator[Row]:
                 continue
             where = f"{path.name} line {number}"
             try:
-                raw = json.loads(text)
+                yield number, json.loads(text)
             except json.JSONDecodeError as exc:
                 raise ValidationError("line", shown(text.strip()[:60]), f"is not valid JSON ({exc.msg})", where=where) from None
             except RecursionError:
                 raise ValidationError("line", shown(text.strip()[:60]), "nests JSON too deep: a row is an object of request fields", where=where) from None
             except ValueError as exc:  # an integer of more than 4,300 digits
                 raise ValidationError("line", shown(text.strip()[:60]), f"is not valid JSON ({exc})", where=where) from None
-            if not isinstance(raw, dict):
-                raise ValidationError("line", shown(text.strip()[:60]), "must be a JSON object", where=where)
-            yield finish_row(number, raw, where)
+
+
+def _jsonl(path: Path) -> Iterator[Row]:
+    for number, raw in json_lines(path):
+        where = f"{path.name} line {number}"
+        if not isinstance(raw, dict):
+            raise ValidationError("line", shown(raw), "must be a JSON object", where=where)
+        yield finish_row(number, raw, where)
 
 
 def _bounded_lines(handle, path: Path) -> Iterator[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from farm.errors import FarmError
-from farm.settings import Settings
+from farm.settings import Settings, redact
 
 EXIT_FAILED = 1  # the work ran and did not (all) succeed
 EXIT_ERROR = 2  # the command could not do what was asked: bad usage, input or configuration
@@ -24,12 +24,21 @@ class FarmCommands(click.Group):
         try:
             return super().invoke(ctx)
         except FarmError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_one_line(str(exc))}", err=True)
+            ctx.exit(EXIT_ERROR)
+        except click.UsageError as exc:  # a bad option or argument: one line too, with where to look
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            click.echo(f"error: {_one_line(exc.format_message())}{where}", err=True)
             ctx.exit(EXIT_ERROR)
         except click.ClickException as exc:
             if exc.exit_code == 1:  # click's default for its own errors: they are usage errors here
                 exc.exit_code = EXIT_ERROR
             raise
+
+
+def _one_line(message: str) -> str:
+    """An error message as one line, without any URL's password (``farm.settings.redact``)."""
+    return " ".join(redact(message).split("\n")).strip()
 
 
 def load_settings() -> Settings:

@@ -19,6 +19,7 @@ from farm.cli.plugins import PluginGroup
 from farm.cli.common import EXIT_FAILED, FarmCommands, load_settings, open_farm
 from farm.cli.lora import lora
 from farm.errors import ValidationError
+from farm.request.text import check_label
 
 
 @click.group(cls=FarmCommands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -94,6 +95,7 @@ def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, wid
             }
         ]
         lines = ()
+    check_label(label, field="--label")
     with open_farm() as farm:
         try:
             # the id is printed the moment the work is recorded, before publishing: whatever happens
@@ -109,15 +111,10 @@ def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, wid
 
 
 def _read_jsonl(path: Path):
-    """``(line number, request)`` for each non-empty line."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValidationError(f"{path.name} line {number}", line.strip()[:60], f"is not valid JSON ({exc.msg})") from None
+    """``(line number, request)`` for each non-empty line (a regular UTF-8 file; bad lines named)."""
+    from farm.campaigns.prompt_files import json_lines
+
+    return json_lines(path)
 
 
 @main.command()
