@@ -200,6 +200,12 @@ class Settings(BaseSettings):
     #: stops and hands its images back at once (claim released, no attempt counted).
     shutdown_seconds: float = Field(default=30.0, ge=0)
 
+    # -- metrics (Prometheus) ---------------------------------------------------------------------
+    #: Port where `farm worker` serves its processes' metrics (workers.metrics); None: off.
+    worker_metrics_port: int | None = Field(default=9809, ge=1, le=65535)
+    #: Address those metrics listen on (0.0.0.0 so Prometheus on another host can scrape).
+    worker_metrics_host: str = "0.0.0.0"
+
     # -- the reconciler (farm.reconciler: run by `farm worker`, and as `farm reconcile`) -------------
     #: Seconds between rounds (sweep expired leases, publish what was recorded and never published,
     #: republish queued images whose message the broker lost).
