@@ -49,10 +49,13 @@ def detect_gpus() -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-def plan_slots(gpus: str, *, cpu: bool, name: str | None, count: int = 1) -> list[Slot]:
+def plan_slots(gpus: str, *, cpu: bool, name: str | None, count: int = 1, model: str | None = None) -> list[Slot]:
+    """One slot per GPU (or CPU process), named ``<model>-gpu<N>@host`` (``<model>-cpu@host``) so workers
+    of two models on one host never share a name; ``name`` overrides (``node@host``)."""
     host = socket.gethostname()
+    tag = f"{model}-" if model else ""
     if cpu:
-        base = name or f"cpu@{host}"
+        base = name or f"{tag}cpu@{host}"
         if count == 1:
             return [Slot(name=base, device="cpu", visible="")]
         node, _, at = base.partition("@")
@@ -63,7 +66,7 @@ def plan_slots(gpus: str, *, cpu: bool, name: str | None, count: int = 1) -> lis
     for index in indices:
         if not index.isdigit():
             raise ConfigError(f"--gpus {gpus!r}: {index!r} is not a GPU index; use 'all' or e.g. '0,1'")
-    prefix = name.split("@")[0] if name else "gpu"
+    prefix = name.split("@")[0] if name else f"{tag}gpu"
     return [Slot(name=f"{prefix}{i}@{host}", device="cuda", visible=i) for i in indices]
 
 
@@ -72,9 +75,11 @@ def run(settings: Settings, *, model: str, slots: list[Slot], sweep: bool = True
     if model not in settings.models:
         raise ConfigError(f"model {model!r} is not in FARM_MODELS ({', '.join(sorted(settings.models))})")
     stopping = threading.Event()
+    metrics_dir = _metrics_folder(settings)
 
     def start(slot: Slot) -> None:
         env = dict(os.environ)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         if slot.visible is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot.visible
         cmd = [sys.executable, "-m", "workers.main", "--model", model, "--device", slot.device, "--name", slot.name, "--loglevel", loglevel]
@@ -89,6 +94,8 @@ def run(settings: Settings, *, model: str, slots: list[Slot], sweep: bool = True
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    locks = [_lock_name(settings, slot.name) for slot in slots]  # refuses a name already running here
+    server = _serve_metrics(settings, metrics_dir, slots)
     for slot in slots:
         start(slot)
     if sweep:
@@ -108,10 +115,71 @@ def run(settings: Settings, *, model: str, slots: list[Slot], sweep: bool = True
     for slot in slots:
         if slot.process:
             try:
-                slot.process.wait(timeout=120)
+                slot.process.wait(timeout=settings.shutdown_seconds + 180)
             except subprocess.TimeoutExpired:
                 slot.process.kill()
+    if server is not None:
+        server.shutdown()
+    for lock in locks:
+        lock.close()
     return 0
+
+
+def _lock_name(settings: Settings, name: str):
+    """Hold ``<data_dir>/locks/<name>.lock`` for as long as this supervisor runs: a second worker
+    with the same name on this host (it would shadow the first in Flower) refuses to start."""
+    import fcntl
+
+    folder = settings.data_dir / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / f"{name}.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(
+            f"a worker named {name!r} already runs on this host (FARM_DATA_DIR {settings.data_dir}); "
+            "give this one another --name"
+        ) from None
+    return handle
+
+
+def _metrics_folder(settings: Settings):
+    """A fresh folder for this supervisor's processes' metric files (prometheus-client multiprocess)."""
+    import shutil
+
+    folder = settings.data_dir / "metrics" / str(os.getpid())
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _serve_metrics(settings: Settings, folder, slots: list[Slot]):
+    """Serve every render process's metrics (``workers.metrics``) and ``farm_worker_up`` on
+    ``FARM_WORKER_METRICS_PORT``; None when off or the port is taken (logged, never fatal)."""
+    if settings.worker_metrics_port is None:
+        return None
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    class Up:
+        def collect(self):
+            up = GaugeMetricFamily("farm_worker_up", "1 while the worker's process runs", labels=["worker"])
+            for slot in slots:
+                up.add_metric([slot.name], 1 if slot.process is not None and slot.process.poll() is None else 0)
+            yield up
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(folder))
+    registry.register(Up())
+    try:
+        server, _thread = start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host, registry=registry)
+    except OSError as exc:
+        log.warning("worker metrics not served on port %d: %s", settings.worker_metrics_port, exc)
+        return None
+    log.info("worker metrics on http://%s:%d/metrics", settings.worker_metrics_host, settings.worker_metrics_port)
+    return server
 
 
 def _reconcile(settings: Settings, stopping: threading.Event) -> None:

@@ -34,6 +34,23 @@ class WorkerContext:
     _finisher: Any = None
     _batch_plan: Any = None
     _shutdown: Any = None
+    _metrics: Any = None
+
+    @property
+    def metrics(self):
+        """This worker's Prometheus metrics (``workers.metrics``)."""
+        if self._metrics is None:
+            from workers.metrics import WorkerMetrics
+
+            self._metrics = WorkerMetrics(self.node)
+        return self._metrics
+
+    def report_finisher(self) -> None:
+        """Uploads pending and spooled bytes, for the metrics."""
+        finisher = self._finisher
+        if finisher is not None:
+            spool = getattr(finisher, "spool", None)
+            self.metrics.finisher(finisher.pending, spool.used_bytes if spool is not None else 0)
 
     @property
     def shutdown(self):
@@ -103,18 +120,22 @@ class WorkerContext:
             from workers.finishing.finisher import build_finisher
 
             self._finisher = build_finisher(
-                self.settings, self.storage, worker=self.node, record=self._record, adopt=self._adopt, renew=self._renew
+                self.settings, self.storage, worker=self.node, record=self._record, adopt=self._adopt, renew=self._renew,
             )
+            self._finisher.observe = self.metrics.phase
         return self._finisher
 
     def _record(self, token: str, image_id: str, key: str, values) -> bool:
         """Record a stored image; a database outage is waited out (FARM_INFRA_DEADLINE_SECONDS)."""
         from farm.retrying import until_deadline
 
-        return until_deadline(
+        started = time.perf_counter()
+        recorded = until_deadline(
             lambda: lifecycle.record_success(self.sessions, token, image_id, storage_key=key, **values),
             deadline_seconds=self.settings.infra_deadline_seconds, what="record an image",
         )
+        self.metrics.phase("record", time.perf_counter() - started)
+        return recorded
 
     def _adopt(self, token: str, image_id: str, key: str, values) -> bool:
         """Record a spooled image, also one an earlier process of this worker left (if nobody rendered

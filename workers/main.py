@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     def _finish_uploads(**_kwargs) -> None:
         # a warm shutdown lets the images already rendered reach storage and the database
         context.close(timeout=SHUTDOWN_UPLOAD_SECONDS)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # its live gauges leave with it
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())
 
     queues = [settings.queue_for(args.model)]
     if routes(settings):  # a queue of its own, for LoRA jobs routed to it while it is warm

@@ -78,6 +78,8 @@ def _run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str
     #    outage is waited out, then the message goes back to the queue (nothing counted, nothing lost)
     if ctx.shutdown.requested:
         raise Reject("shutting down", requeue=True)
+    metrics = ctx.metrics
+    started = time.perf_counter()
     try:
         claim = _db(ctx, "claim", lambda: lifecycle.claim(
             ctx.sessions, image_ids, worker=worker, lease_seconds=settings.claim_lease_seconds,
@@ -98,25 +100,33 @@ def _run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str
             )
         except Exception:  # noqa: BLE001
             log.warning("could not publish %d image(s) held elsewhere; their lease decides", len(claim.held_elsewhere))
+    metrics.phase("claim", time.perf_counter() - started)
+    if claim.given_up:
+        metrics.failed("gave up after attempts", len(claim.given_up))
     if not claim.images:
         return {"rendered": 0, "held_elsewhere": len(claim.held_elsewhere)}
     specs = [ImageSpec.from_params(image.params) for image in claim.images]
 
     # 3. fetch each image's inputs; an image whose stored input is missing or corrupt fails alone
+    started = time.perf_counter()
     images, specs, conditions = _fetch_inputs(ctx, claim, specs)
+    metrics.phase("inputs", time.perf_counter() - started)
     if not images:
         return {"rendered": 0, "failed": len(claim.images)}
 
     # 4. the batch's LoRAs: from the pipeline (cache), the worker's disk, or storage (download)
+    started = time.perf_counter()
     try:
         lora_report = _activate_loras(ctx, specs[0].loras)
+        if specs[0].loras:
+            metrics.phase("lora", time.perf_counter() - started)
+            for lora in lora_report:
+                metrics.lora(str(lora["served"]))
     except StorageError as exc:  # storage away: not the images' fault, hand them back
         _hand_back(task, ctx, claim.token, [i.id for i in images], f"LoRA download: {exc}")
         return {"rendered": 0, "handed_back": len(images)}
     except LoraError as exc:
-        _db(ctx, "record failure", lambda: lifecycle.record_failure(
-            ctx.sessions, claim.token, [i.id for i in images], f"{type(exc).__name__}: {exc}"
-        ))
+        _fail(ctx, claim.token, [i.id for i in images], f"{type(exc).__name__}: {exc}")
         log.warning("batch of %d failed: %s", len(specs), exc)
         return {"rendered": 0, "failed": len(specs)}
     finally:
@@ -153,9 +163,7 @@ def _render_and_hand_off(task: Task, ctx: WorkerContext, claim: lifecycle.Claim,
                 continue
             # CUDA out of memory at one image, a kernel error, a batch the model cannot render: the
             # images not rendered yet fail with the reason; the worker goes on with the next task
-            _db(ctx, "record failure", lambda: lifecycle.record_failure(
-                ctx.sessions, claim.token, [images[n].id for n in todo], f"{type(exc).__name__}: {exc}"
-            ))
+            _fail(ctx, claim.token, [images[n].id for n in todo], f"{type(exc).__name__}: {exc}")
             (log.exception if type(exc) is RuntimeError else log.warning)("batch of %d failed: %s", len(todo), exc)
             return {"rendered": rendered, "failed": len(todo), "chunks": len(handoffs)}
         if batch.interrupted and ctx.shutdown.requested:  # stopped past FARM_SHUTDOWN_SECONDS
@@ -163,6 +171,12 @@ def _render_and_hand_off(task: Task, ctx: WorkerContext, claim: lifecycle.Claim,
             return {"rendered": rendered, "handed_back": len(todo), "chunks": len(handoffs)}
         if batch.interrupted:  # every image of the claim was canceled
             return {"rendered": rendered, "canceled": len(todo), "chunks": len(handoffs)}
+        metrics = ctx.metrics
+        metrics.chunk(len(chunk))
+        metrics.images("rendered", len(chunk))
+        for phase, phase_seconds in batch.phases.items():
+            metrics.phase(phase, phase_seconds)
+        metrics.gpu_memory(ctx.device)
         seconds_each = batch.seconds / len(chunk)
         items = [
             finish_item(
@@ -172,6 +186,7 @@ def _render_and_hand_off(task: Task, ctx: WorkerContext, claim: lifecycle.Claim,
             for n, result in zip(chunk, batch.images)
         ]
         handoffs.append(ctx.finisher.hand_off(claim.token, items, give_back))
+        ctx.report_finisher()
         rendered += len(chunk)
         seconds += batch.seconds
         todo = todo[size:]
@@ -204,11 +219,19 @@ def _hand_back(task: Task, ctx: WorkerContext, token: str, image_ids: list[str],
     released = _db(ctx, "release", lambda: lifecycle.release(ctx.sessions, token, note=note, image_ids=image_ids))
     if not released:
         return
+    ctx.metrics.images("handed_back", len(image_ids))
     try:
         publish_images(ctx.sessions, task.app, ctx.settings, image_ids, origin=f"task {task.request.id}", countdown=countdown)
     except (PublishError, Exception) as exc:  # noqa: BLE001 - the outbox has them
         log.warning("%d image(s) released; publishing them is left to the reconciler (%s)", len(image_ids), type(exc).__name__)
     log.warning("%d image(s) %s", len(image_ids), note)
+
+
+def _fail(ctx: WorkerContext, token: str, image_ids: list[str], error: str) -> None:
+    """Fail images of the claim for a reason that is theirs (counted in the metrics by class)."""
+    failed = _db(ctx, "record failure", lambda: lifecycle.record_failure(ctx.sessions, token, image_ids, error))
+    if failed:
+        ctx.metrics.failed(error, failed)
 
 
 def _db(ctx: WorkerContext, what: str, step):
@@ -246,9 +269,7 @@ def _fetch_inputs(ctx: WorkerContext, claim: lifecycle.Claim, specs: list[ImageS
                 )
             )
         except (StorageError, InputError) as exc:
-            _db(ctx, "record failure", lambda: lifecycle.record_failure(
-                ctx.sessions, claim.token, [image.id], f"{type(exc).__name__}: {exc}"
-            ))
+            _fail(ctx, claim.token, [image.id], f"{type(exc).__name__}: {exc}")
             log.warning("image %s: %s", image.id, exc)
             continue
         images.append(image)

@@ -8,7 +8,7 @@ img2img and inpainting reuse the loaded modules (``pipe.components``): no second
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -44,6 +44,8 @@ class BatchResult:
     images: list[Rendered]
     seconds: float
     interrupted: bool
+    #: seconds by phase: text_encode, denoise, vae_decode (for workers.metrics)
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def check_inputs(model: LoadedModel, specs: Sequence[ImageSpec], conditions: Sequence[Conditioning]) -> None:
@@ -110,6 +112,7 @@ def render_batch(
     #    ones become embeddings (A1111-style chunks and weights)
     from workers.diffusion.prompts import encode_prompts
 
+    encode_started = time.perf_counter()
     tokens = [count_tokens(model, s.prompt) for s in specs]
     embeds = encode_prompts(
         pipe, [s.prompt for s in specs], [s.negative_prompt for s in specs], clip_skip=spec.clip_skip, device=pipe.device
@@ -120,6 +123,8 @@ def render_batch(
         else {"prompt_embeds": embeds[0], "negative_prompt_embeds": embeds[1]}
     )
 
+    text_seconds = time.perf_counter() - encode_started
+
     # 4. one generator per image; the inputs at the batch's size
     generators = [torch.Generator("cpu").manual_seed(s.seed) for s in specs]
     inits = [fit(c.init.convert("RGB"), spec.width, spec.height, spec.resize_mode) for c in conditions if c.init]
@@ -129,9 +134,11 @@ def render_batch(
 
     # 5. denoise, reporting each step; a False from on_step interrupts the loop
     interrupted = False
+    denoised_at = None
 
     def step_end(pipeline, step: int, timestep, callback_kwargs):
-        nonlocal interrupted
+        nonlocal interrupted, denoised_at
+        denoised_at = time.perf_counter()  # after the last step: the VAE decode follows
         if on_step is not None and not on_step(step + 1, pipeline.num_timesteps):
             interrupted = True
             pipeline._interrupt = True
@@ -159,17 +166,21 @@ def render_batch(
             ).images
     if spec.mode == "inpaint" and spec.paste_back:
         images = [paste_back(out, init, mask) for out, init, mask in zip(images, inits, masks)]
-    seconds = time.perf_counter() - started
+    finished = time.perf_counter()
+    seconds = finished - started
     rendered = [
         Rendered(image=image, prompt_tokens=count, prompt_truncated=truncated)
         for image, (count, truncated) in zip(images, tokens)
     ]
-    return BatchResult(images=rendered, seconds=seconds, interrupted=interrupted)
+    denoised_at = denoised_at or started
+    phases = {"text_encode": text_seconds, "denoise": denoised_at - started, "vae_decode": finished - denoised_at}
+    return BatchResult(images=rendered, seconds=seconds, interrupted=interrupted, phases=phases)
 
 
 def _render_groups(model, specs, conditions, groups, base_scheduler_config, on_step) -> BatchResult:
     results: dict[int, Rendered] = {}
     seconds, interrupted = 0.0, False
+    phases: dict[str, float] = {}
     for members in groups:
         part = render_batch(
             model, [specs[n] for n in members], base_scheduler_config=base_scheduler_config,
@@ -177,12 +188,14 @@ def _render_groups(model, specs, conditions, groups, base_scheduler_config, on_s
         )
         results.update(zip(members, part.images))
         seconds += part.seconds
+        for name, value in part.phases.items():
+            phases[name] = phases.get(name, 0.0) + value
         interrupted = interrupted or part.interrupted
         if interrupted:
             break
     if interrupted:
-        return BatchResult(images=[], seconds=seconds, interrupted=True)
-    return BatchResult(images=[results[n] for n in range(len(specs))], seconds=seconds, interrupted=False)
+        return BatchResult(images=[], seconds=seconds, interrupted=True, phases=phases)
+    return BatchResult(images=[results[n] for n in range(len(specs))], seconds=seconds, interrupted=False, phases=phases)
 
 
 def paste_back(output: Image.Image, init: Image.Image, mask: Image.Image) -> Image.Image:

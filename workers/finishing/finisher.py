@@ -298,14 +298,17 @@ class Finisher:
             self._resolve(handoff, item, "failed", exc)
 
     def _finish_item_unguarded(self, handoff: HandOff, item: Item) -> None:
+        started = time.monotonic()
         try:
             body = self.uploader.make(item.make)
         except BaseException as exc:
             self._resolve(handoff, item, "failed", exc)
             return
+        self._observe("png_encode", time.monotonic() - started)
         if self.spool is not None and (self._closing or not self._up.is_set()):
             self._to_spool(handoff, item, body, None)  # storage is down: no deadline to wait out
             return
+        started = time.monotonic()
         try:
             self.uploader.store(item.key, body, item.content_type, item.metadata)
         except StorageUnavailable as exc:
@@ -319,12 +322,23 @@ class Finisher:
             self._resolve(handoff, item, "failed", exc)
             return
         self._up.set()
+        self._observe("upload", time.monotonic() - started)
         try:
             recorded = self.record(handoff.token, item.image_id, item.key, item.values)
         except Exception as exc:  # the database is down: like a failed upload, give it back
             self._resolve(handoff, item, "failed", exc)
             return
         self._resolve(handoff, item, "recorded" if recorded else "lost")
+
+    #: ``observe(phase, seconds)``: timings of png_encode and upload (workers.metrics); optional.
+    observe: Callable[[str, float], None] | None = None
+
+    def _observe(self, phase: str, seconds: float) -> None:
+        if self.observe is not None:
+            try:
+                self.observe(phase, seconds)
+            except Exception:  # noqa: BLE001 - metrics never fail an image
+                pass
 
     def _to_spool(self, handoff: HandOff, item: Item, body: bytes, cause: BaseException | None) -> None:
         assert self.spool is not None

@@ -1,0 +1,95 @@
+"""A worker's Prometheus metrics (prometheus-client, multiprocess mode).
+
+Each render process writes its samples to files under ``PROMETHEUS_MULTIPROC_DIR`` (set by ``farm
+worker``'s supervisor for its children, one folder per supervisor, emptied at start); the supervisor
+serves them all on ``FARM_WORKER_METRICS_PORT`` (``farm.supervisor``), labelled by worker.
+
+==========================================  ==============================================================
+``farm_worker_images_total{worker,outcome}``  images rendered / failed / handed back
+``farm_worker_failures_total{worker,reason}`` failed images by reason class (``farm.failures``)
+``farm_worker_phase_seconds{worker,phase}``   seconds per chunk by phase: claim, inputs, lora,
+                                              text_encode, denoise, vae_decode, png_encode, upload,
+                                              record (histogram)
+``farm_worker_chunk_images{worker}``          images rendered at once (histogram)
+``farm_worker_lora_loads_total{worker,level}`` adapters served from the pipeline (cache), the worker's
+                                              disk, or storage
+``farm_worker_gpu_memory_bytes{worker}``      peak GPU memory of the last chunk (CUDA only)
+``farm_worker_uploads_pending{worker}``       chunks handed to the finisher, not finished
+``farm_spool_bytes{worker}``                  rendered PNGs waiting for storage in the local spool
+==========================================  ==============================================================
+
+Nothing here may fail a task: every update is guarded.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = ["WorkerMetrics"]
+
+log = logging.getLogger("farm.worker")
+
+_PHASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+IMAGES = Counter("farm_worker_images", "Images by outcome", ["worker", "outcome"])
+FAILURES = Counter("farm_worker_failures", "Failed images by reason class", ["worker", "reason"])
+PHASE = Histogram("farm_worker_phase_seconds", "Seconds per chunk by phase", ["worker", "phase"], buckets=_PHASE_BUCKETS)
+CHUNK = Histogram("farm_worker_chunk_images", "Images rendered at once", ["worker"], buckets=(1, 2, 4, 8, 16, 32, 64))
+LORA = Counter("farm_worker_lora_loads", "LoRA adapters served, by level", ["worker", "level"])
+GPU_MEMORY = Gauge("farm_worker_gpu_memory_bytes", "Peak GPU memory of the last chunk", ["worker"], multiprocess_mode="liveall")
+PENDING = Gauge("farm_worker_uploads_pending", "Chunks handed off, not finished", ["worker"], multiprocess_mode="liveall")
+SPOOL = Gauge("farm_spool_bytes", "Bytes waiting for storage in the spool", ["worker"], multiprocess_mode="liveall")
+
+
+class WorkerMetrics:
+    """The metrics of one worker (its Celery node name is the ``worker`` label)."""
+
+    def __init__(self, worker: str):
+        self.worker = worker
+
+    def images(self, outcome: str, count: int = 1) -> None:
+        _guard(lambda: IMAGES.labels(self.worker, outcome).inc(count))
+
+    def failed(self, error: str, count: int = 1) -> None:
+        from farm.failures import reason_class
+
+        def update() -> None:
+            IMAGES.labels(self.worker, "failed").inc(count)
+            FAILURES.labels(self.worker, reason_class(error)).inc(count)
+
+        _guard(update)
+
+    def phase(self, name: str, seconds: float) -> None:
+        _guard(lambda: PHASE.labels(self.worker, name).observe(seconds))
+
+    def chunk(self, images: int) -> None:
+        _guard(lambda: CHUNK.labels(self.worker).observe(images))
+
+    def lora(self, level: str) -> None:
+        _guard(lambda: LORA.labels(self.worker, level).inc())
+
+    def gpu_memory(self, device) -> None:
+        def update() -> None:
+            import torch
+
+            if str(device).startswith("cuda") and torch.cuda.is_available():
+                GPU_MEMORY.labels(self.worker).set(torch.cuda.max_memory_allocated())
+                torch.cuda.reset_peak_memory_stats()
+
+        _guard(update)
+
+    def finisher(self, pending: int, spool_bytes: int) -> None:
+        def update() -> None:
+            PENDING.labels(self.worker).set(pending)
+            SPOOL.labels(self.worker).set(spool_bytes)
+
+        _guard(update)
+
+
+def _guard(update) -> None:
+    try:
+        update()
+    except Exception:  # noqa: BLE001 - metrics never fail a task
+        log.debug("metric not updated", exc_info=True)
