@@ -112,8 +112,9 @@ def s3_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random SD1.x pipeline (``workers.diffusion.tiny.make_tiny``, seed 0), built once per
-    session through the real builder; its folder, in diffusers format. Treat it as read-only: copy it
-    to change it."""
+    session through the real builder; its folder (``<models>/tiny``, diffusers format), so its parent
+    serves as a ``models_dir`` in which ``builtin:tiny`` is already built. Treat both as read-only:
+    copy the model to change it."""
     from workers.diffusion.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0)
