@@ -43,11 +43,13 @@ So the check has to run before Celery builds a request, on every path a message 
    any routing key). ``rediss://`` and sentinel brokers keep kombu's stock transport (kombu sets TLS
    defaults by the transport's name); the consumer-level checks still apply there.
 
-The same argument check runs where the task starts (:func:`check_render_arguments`, re-exported).
+The same argument check runs where the task starts (:func:`check_render_arguments`, re-exported;
+:func:`refuse_task` keeps and logs what it refuses there).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -65,7 +67,10 @@ from farm.dispatch.dead_letters import (
 )
 from farm.settings import Settings
 
-__all__ = ["GuardedFsTransport", "GuardedRedisTransport", "PoisonGuard", "PoisonProofConsumer", "check_render_arguments", "install"]
+__all__ = [
+    "GuardedFsTransport", "GuardedRedisTransport", "PoisonGuard", "PoisonProofConsumer", "check_render_arguments",
+    "install", "refuse_task",
+]
 
 log = logging.getLogger("farm.dead_letters")
 
@@ -292,6 +297,23 @@ class GuardedFsTransport(_EnvelopeCheck, broker_fs.Transport):
 # Names for Celery's ``broker_transport`` setting (the worker's banner says ``farmredis://host…``).
 TRANSPORT_ALIASES.setdefault("farmredis", f"{__name__}:GuardedRedisTransport")
 TRANSPORT_ALIASES.setdefault("farmfs-guarded", f"{__name__}:GuardedFsTransport")
+
+
+def refuse_task(task, reason: str) -> dict:
+    """For a task body whose arguments fail :func:`check_render_arguments` (a message that reached the
+    task without the consumer's check): keep it as a dead letter (code ``arguments``; its raw form is
+    the request's args and kwargs, not replayable) and log it once; returns the task's result. Celery
+    then acks the message as for any task that returned."""
+    request = task.request
+    raw = json.dumps({"task": task.name, "id": request.id, "args": request.args, "kwargs": request.kwargs}, default=repr)
+    queue = (request.delivery_info or {}).get("routing_key")
+    poison = Poison("arguments", reason)
+    if _guard is not None:
+        _guard.keep(queue, poison, raw, task_id=request.id, task=task.name)
+    else:
+        log.warning("dead letter from %s: arguments: %s (task %s %s); not kept (no guard installed)",
+                    safe_queue(queue), reason, task.name, request.id)
+    return {"refused": reason}
 
 
 def install(app, settings: Settings) -> PoisonGuard:

@@ -552,3 +552,24 @@ def test_the_hooks_used_are_still_there():
     source = inspect.getsource(kombu_redis.Channel._brpop_read)
     assert "parse_response" in source and "'BRPOP'" in source and "self.connection._deliver(" in source
     assert "_deliver" in Transport.__dict__
+
+
+def test_a_task_refusing_its_arguments_keeps_a_dead_letter(guard, redis_settings):
+    """What workers.tasks does when arguments reach the task body unchecked."""
+    from types import SimpleNamespace
+
+    from workers.consumption import check_render_arguments, refuse_task
+
+    app = guard(redis_settings)
+    queue = redis_settings.queue_for("tiny")
+    kwargs = {"image_ids": [1], "model": "tiny"}
+    request = SimpleNamespace(id="t-9", args=[], kwargs=kwargs, delivery_info={"routing_key": queue})
+    reason = check_render_arguments((), kwargs, redis_settings)
+    assert refuse_task(SimpleNamespace(name="farm.render", request=request), reason) == {"refused": reason}
+    with DeadLetters(redis_settings) as store:
+        [letter] = store.letters(queue)
+        assert (letter.code, letter.reason, letter.task_id, letter.raw_format) == ("arguments", reason, "t-9", "text")
+        assert json.loads(letter.raw)["kwargs"] == kwargs
+        [outcome] = store.replay(queue, force=True)
+        assert not outcome.replayed
+    app.close()
