@@ -92,6 +92,7 @@ def test_cut_resets_open_connections_and_refuses_new_ones(proxy):
 
 def test_refuse_keeps_open_connections(proxy):
     old = _connect(proxy)
+    assert _echo(old, b"first") == b"first"  # accepted by the proxy, not still in the listen backlog
     proxy.set_mode("refuse")
     with pytest.raises(ConnectionRefusedError):
         _connect(proxy)
