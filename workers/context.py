@@ -35,6 +35,8 @@ class WorkerContext:
     _batch_plan: Any = None
     _shutdown: Any = None
     _metrics: Any = None
+    #: ``(count, error)`` of the images the running task failed (``workers.tasks``)
+    task_failures: list = None  # type: ignore[assignment]
 
     @property
     def metrics(self):

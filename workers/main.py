@@ -19,6 +19,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from farm.dispatch.celery_app import make_celery
 from farm.dispatch.routing import own_queue, routes
 from farm.settings import Settings
+import workers.consumption
 from workers.context import WorkerContext
 from workers.tasks import register
 
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     context = WorkerContext(settings=settings, model_name=args.model, device=args.device, node=args.name)
     app = make_celery(settings)
     register(app, context)
+    # a message that cannot be decoded or validated is kept aside as a dead letter and acked, never a
+    # consumer crash or a restart loop (workers.consumption; `farm dead-letters`)
+    workers.consumption.install(app, settings)
 
     import workers.diffusion.render  # noqa: F401  - torch + diffusers imported once, before the pool forks
     from diffusers.utils import logging as diffusers_logging

@@ -34,6 +34,7 @@ from farm.storage.keys import image_key
 from farm.imaging.pnginfo import a1111_extra, a1111_parameters, encode_png
 from farm.db.tables import ImageRecord
 from farm.request.spec import ImageSpec
+from workers.consumption import check_render_arguments, refuse_task
 from workers.context import WorkerContext
 from workers.input_cache import InputError
 from workers.lora.disk_cache import LoraError
@@ -46,10 +47,21 @@ PROGRESS_EVERY = 0.25
 PROGRESS_REPORT_EVERY = 1.0
 
 
+class ImagesFailed(RenderError):
+    """Raised when a render task ends with images that failed (each recorded with its reason): the
+    task then shows FAILURE in Flower with a summary, e.g. "2 of 8 image(s) failed: input ×2 (InputError:
+    …)", instead of a SUCCESS that hides them. Expected: Celery logs it without a traceback."""
+
+
 def register(app: Celery, context: WorkerContext) -> Task:
-    @app.task(name=RENDER_TASK, bind=True, max_retries=context.settings.max_retries, acks_late=True)
-    def render(task: Task, image_ids: list[str], model: str) -> dict:
-        return run_render(task, context, image_ids, model)
+    @app.task(name=RENDER_TASK, bind=True, max_retries=context.settings.max_retries, acks_late=True, throws=(ImagesFailed,))
+    def render(task: Task, *args, **kwargs) -> dict:
+        # the consumer checked the message already (workers.consumption); a shape that got past it
+        # is kept as a dead letter too, never run
+        problem = check_render_arguments(args, kwargs, context.settings)
+        if problem:
+            return refuse_task(task, problem)
+        return run_render(task, context, kwargs["image_ids"], kwargs["model"])
 
     return render
 
@@ -58,8 +70,12 @@ def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str)
     shutdown = ctx.shutdown
     shutdown.install()
     shutdown.busy = True
+    ctx.task_failures = []
     try:
-        return _run_render(task, ctx, image_ids, model)
+        outcome = _run_render(task, ctx, image_ids, model)
+        if ctx.task_failures:  # Flower shows the task failed, with why (the images are recorded)
+            raise ImagesFailed(_failure_summary(ctx.task_failures, len(image_ids)))
+        return outcome
     finally:
         shutdown.busy = False
         if shutdown.requested:  # SIGTERM came during this task: finish uploads, then leave
@@ -228,10 +244,25 @@ def _hand_back(task: Task, ctx: WorkerContext, token: str, image_ids: list[str],
 
 
 def _fail(ctx: WorkerContext, token: str, image_ids: list[str], error: str) -> None:
-    """Fail images of the claim for a reason that is theirs (counted in the metrics by class)."""
+    """Fail images of the claim for a reason that is theirs (counted in the metrics by class, and
+    summed up in the task's own failure for Flower)."""
     failed = _db(ctx, "record failure", lambda: lifecycle.record_failure(ctx.sessions, token, image_ids, error))
     if failed:
         ctx.metrics.failed(error, failed)
+        ctx.task_failures.append((failed, error))
+
+
+def _failure_summary(failures: list[tuple[int, str]], total: int) -> str:
+    """"3 of 8 image(s) failed: input ×2 (InputError: …), out_of_memory ×1 (…)"."""
+    from farm.failures import reason_class
+
+    by_class: dict[str, list] = {}
+    for count, error in failures:
+        entry = by_class.setdefault(reason_class(error), [0, error])
+        entry[0] += count
+    failed = sum(count for count, _ in failures)
+    parts = [f"{name} ×{count} ({example[:120]})" for name, (count, example) in by_class.items()]
+    return f"{failed} of {total} image(s) failed: " + "; ".join(parts)
 
 
 def _db(ctx: WorkerContext, what: str, step):
@@ -293,8 +324,11 @@ def _render(task: Task, ctx: WorkerContext, claim: lifecycle.Claim, image_ids: l
         # still counts as held: only a cancel, read from a live database, stops the render)
         if send_events and (now - last_event >= PROGRESS_EVERY or done == total):
             last_event = now
-            try:
-                task.send_event("task-progress", step=done, steps=total, images=len(specs))
+            try:  # ``result`` is the field Flower shows (task page and list) while a task runs
+                task.send_event(
+                    "task-progress", result=f"step {done}/{total} · {len(specs)} image(s)",
+                    step=done, steps=total, images=len(specs),
+                )
             except Exception:  # noqa: BLE001
                 log.debug("progress event not sent", exc_info=True)
         try:

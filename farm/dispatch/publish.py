@@ -52,13 +52,22 @@ class Batch:
 
     @classmethod
     def of(cls, task_id: str, image_ids: Sequence[str], spec: ImageSpec) -> "Batch":
-        label = f"{len(image_ids)}× {spec.width}x{spec.height}, {spec.steps} steps, {spec.scheduler}, cfg {spec.guidance_scale}"
+        label = (
+            f"{_excerpt(spec.prompt)} · {len(image_ids)}× {spec.width}x{spec.height}, {spec.steps} steps, "
+            f"{spec.scheduler}, cfg {spec.guidance_scale}"
+        )
         if spec.mode != "txt2img":
             label += f", {spec.mode}"
         if spec.loras:
             label += f", {len(spec.loras)} LoRA(s)"
         return cls(task_id=task_id, model=spec.model, image_ids=tuple(image_ids), label=label,
                    loras=tuple(sha for sha, _ in spec.loras))
+
+
+def _excerpt(prompt: str, chars: int = 48) -> str:
+    """A prompt as Flower shows it beside the task: one line, shortened."""
+    text = " ".join(prompt.split())
+    return repr(text if len(text) <= chars else text[: chars - 1] + "…")
 
 
 def plan_batches(images: Sequence[tuple[str, ImageSpec]], max_batch_size: int) -> list[Batch]:
@@ -109,8 +118,8 @@ def publish(
                     (),
                     {"image_ids": list(batch.image_ids), "model": batch.model},
                     countdown=countdown,
-                    argsrepr=f"submission={origin}",
-                    kwargsrepr=f"{{model: {batch.model!r}, images: {batch.label}}}",
+                    argsrepr=origin,
+                    kwargsrepr=f"{batch.model} · {batch.label}",
                 )
                 producer.publish(
                     message.body,
@@ -145,19 +154,22 @@ def publish_images(
     if not ids:
         return 0
     grouped: dict[tuple[str, str, int], list[str]] = defaultdict(list)
+    prompts: dict[tuple[str, str, int], str] = {}
     with sessions() as session:
         for start in range(0, len(ids), 10_000):  # psycopg refuses > 65,535 parameters in one statement
             rows = session.execute(
-                select(ImageRecord.task_id, ImageRecord.model, CampaignRecord.priority, ImageRecord.id)
+                select(ImageRecord.task_id, ImageRecord.model, CampaignRecord.priority, ImageRecord.id, ImageRecord.prompt)
                 .outerjoin(CampaignRecord, CampaignRecord.id == ImageRecord.campaign_id)
                 .where(ImageRecord.id.in_(ids[start : start + 10_000]))
                 .order_by(ImageRecord.position)
             ).all()
-            for task_id, model, priority, image_id in rows:
-                grouped[(task_id, model, SUBMISSION_PRIORITY if priority is None else priority)].append(image_id)
+            for task_id, model, priority, image_id, prompt in rows:
+                key = (task_id, model, SUBMISSION_PRIORITY if priority is None else priority)
+                grouped[key].append(image_id)
+                prompts.setdefault(key, prompt)
     batches = [
         Batch(task_id=task_id, model=model, image_ids=tuple(members), priority=priority,
-              label=f"{len(members)} image(s), published again")
+              label=f"{_excerpt(prompts[(task_id, model, priority)])} · {len(members)} image(s), published again")
         for (task_id, model, priority), members in grouped.items()
     ]
     sent = publish(app, batches, settings, origin=origin, countdown=countdown)

@@ -83,8 +83,16 @@ def test_submission_order_is_kept_within_a_batch(make_spec) -> None:
 
 
 def test_batch_label_describes_the_work(make_spec) -> None:
-    (batch,) = plan_batches(_pairs([make_spec(width=640, height=384, steps=30, scheduler="ddim", guidance_scale=5.0)] * 3), 8)
-    assert batch.label == "3× 640x384, 30 steps, ddim, cfg 5.0"
+    spec = make_spec(prompt="a red cube", width=640, height=384, steps=30, scheduler="ddim", guidance_scale=5.0)
+    (batch,) = plan_batches(_pairs([spec] * 3), 8)
+    assert batch.label == "'a red cube' · 3× 640x384, 30 steps, ddim, cfg 5.0"
+
+
+def test_batch_label_shortens_a_long_prompt_to_one_line(make_spec) -> None:
+    spec = make_spec(prompt="a very\nlong   prompt " + "with many words " * 10)
+    (batch,) = plan_batches(_pairs([spec]), 8)
+    excerpt = batch.label.split(" · ")[0]
+    assert excerpt.startswith("'a very long prompt with") and excerpt.endswith("…'") and len(excerpt) <= 50
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -101,7 +101,11 @@ def run_task(monkeypatch, tmp_path, memory_storage, make_spec) -> Callable[..., 
             lambda sessions, app, settings, image_ids, **kwargs: run.republished.append({"image_ids": list(image_ids), **kwargs}),
         )
         run.ctx = ctx
-        run.outcome = tasks.run_render(task, ctx, [i.id for i in run.images], "tiny")
+        run.task_error = None
+        try:
+            run.outcome = tasks.run_render(task, ctx, [i.id for i in run.images], "tiny")
+        except tasks.ImagesFailed as exc:  # the task's own state says its images failed (Flower)
+            run.outcome, run.task_error = None, str(exc)
         return run
 
     return run_task
@@ -149,8 +153,9 @@ def test_out_of_memory_halves_the_chunk_and_the_worker_remembers_it(run_task) ->
 
 def test_out_of_memory_at_one_image_fails_the_images_with_the_reason(run_task) -> None:
     run = run_task(n=3, oom_above=0)
-    assert run.outcome == {"rendered": 0, "failed": 3, "chunks": 0}
     assert len(run.failed) == 3 and all("OutOfMemoryError" in e and "out of memory" in e for e in run.failed.values())
+    # and the task itself ends failed, saying how many and why (what Flower shows)
+    assert run.task_error.startswith("3 of 3 image(s) failed: out_of_memory ×3 (OutOfMemoryError: CUDA out of memory")
 
 
 def test_images_that_cannot_be_stored_are_queued_again_without_an_attempt(run_task, memory_storage) -> None:
