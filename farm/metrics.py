@@ -13,7 +13,8 @@ exporter says what only the whole farm knows, for dashboards, alerts and autosca
 ``farm_oldest_queued_seconds{model}``  age of the oldest queued image (0 when none)
 ``farm_campaign_images{campaign,status}``  unfinished campaigns' images by status
 ``farm_campaign_eta_seconds{campaign}``    their estimated time to finish at the last 10 minutes' rate
-``farm_dead_letters{queue}``        poison messages kept aside (``farm dead-letters list``)
+``farm_dead_letters_total{queue,reason}``  poison messages dead-lettered since the farm began
+                                    (``farm dead-letters list``; ``farm.dispatch.dead_letters``)
 ``farm_up{component}``              1 when the database / broker answered this scrape, else 0
 ==================================  ======================================================================
 
@@ -29,7 +30,7 @@ import time
 from datetime import timedelta
 from typing import Iterable, Iterator
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import func, select
 
@@ -147,19 +148,24 @@ class FarmCollector(Collector):
     def _broker_metrics(self) -> Iterable[GaugeMetricFamily]:
         depth = GaugeMetricFamily("farm_queue_depth", "Messages waiting in the broker per model", labels=["model"])
         unacked = GaugeMetricFamily("farm_messages_unacked", "Messages delivered, not yet acknowledged", labels=["model"])
-        dead = GaugeMetricFamily("farm_dead_letters", "Poison messages kept aside", labels=["queue"])
-        waiting, held, letters = queue_depths(self.services.settings)
+        dead = CounterMetricFamily(
+            "farm_dead_letters", "Poison messages dead-lettered since the farm began", labels=["queue", "reason"]
+        )
+        waiting, held = queue_depths(self.services.settings)
         for model in sorted(set(self.services.settings.models) | set(waiting)):
             depth.add_metric([model], waiting.get(model, 0))
             unacked.add_metric([model], held.get(model, 0))
-        for queue, count in sorted(letters.items()):
-            dead.add_metric([queue], count)
+        from farm.dispatch.dead_letters import DeadLetters
+
+        with DeadLetters(self.services.settings) as letters:
+            for (queue, reason), count in sorted(letters.counts().items()):
+                dead.add_metric([queue, reason], count)
         return [depth, unacked, dead]
 
 
-def queue_depths(settings) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
-    """``(waiting, unacked, dead letters)``: messages per model in the broker, every priority
-    sub-queue and warm worker's own queue included; dead letters per queue."""
+def queue_depths(settings) -> tuple[dict[str, int], dict[str, int]]:
+    """``(waiting, unacked)``: messages per model in the broker, every priority sub-queue and warm
+    worker's own queue included."""
     models = sorted(settings.models, key=len, reverse=True)  # the longest name that fits wins
     prefix = f"{settings.queue_prefix}."
 
@@ -174,7 +180,6 @@ def queue_depths(settings) -> tuple[dict[str, int], dict[str, int], dict[str, in
 
     waiting: dict[str, int] = {}
     held: dict[str, int] = {}
-    letters: dict[str, int] = {}
     url = settings.broker
     if url.startswith(("redis://", "rediss://")):
         import json
@@ -194,8 +199,6 @@ def queue_depths(settings) -> tuple[dict[str, int], dict[str, int], dict[str, in
                     continue
                 if isinstance(routing_key, str) and (model := model_of(routing_key)) is not None:
                     held[model] = held.get(model, 0) + 1
-            for key in client.scan_iter(match=f"{settings.queue_prefix}:dead:*", count=1000, _type="list"):
-                letters[key.decode().split(":dead:", 1)[1]] = client.llen(key)
         finally:
             client.close()
     elif url.startswith("filesystem://"):
@@ -207,7 +210,7 @@ def queue_depths(settings) -> tuple[dict[str, int], dict[str, int], dict[str, in
                 queue = path.name.split(".", 1)[1][: -len(".msg")]
                 if (model := model_of(queue)) is not None:
                     waiting[model] = waiting.get(model, 0) + 1
-    return waiting, held, letters
+    return waiting, held
 
 
 def serve(services: Services, *, host: str, port: int, cache_seconds: float = 10.0):

@@ -47,6 +47,11 @@ def test_the_exporter_says_what_waits_what_failed_and_why(tmp_path) -> None:
         with farm.sessions.begin() as session:  # the oldest queued image waited two minutes
             session.execute(update(ImageRecord).where(ImageRecord.id == ids[2]).values(queued_at=utcnow() - timedelta(seconds=120)))
 
+        from farm.dispatch.dead_letters import DeadLetter, DeadLetters, Poison
+
+        queue = farm.settings.queue_for(model)
+        with DeadLetters(farm.settings) as letters:  # a poison message the worker kept aside
+            letters.add(DeadLetter.of(queue, Poison("no-body", "the message has no body"), "{}"))
         port = _free_port()
         server = serve(farm.services, host="127.0.0.1", port=port, cache_seconds=0)
         try:
@@ -61,6 +66,7 @@ def test_the_exporter_says_what_waits_what_failed_and_why(tmp_path) -> None:
     assert samples[("farm_images_failed", (("reason", "input"),))] == 1
     assert samples[("farm_images_failed", (("reason", "out_of_memory"),))] == 1
     assert 119 <= samples[("farm_oldest_queued_seconds", (("model", model),))] < 600
+    assert samples[("farm_dead_letters_total", (("queue", queue), ("reason", "no-body")))] == 1
     # two tasks were published (two batch keys); the embedded broker's queue is a folder
     assert samples[("farm_queue_depth", (("model", model),))] == 2
 
