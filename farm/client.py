@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
@@ -49,6 +49,11 @@ class SubmissionStatus(Tally):
     #: images × steps: finished images count whole, running ones as far as their worker got
     steps_done: int = 0
     steps_total: int = 0
+    label: str | None = None
+    campaign: str | None = None
+    models: tuple[str, ...] = ()
+    #: failed images by reason class: ``{class: (count, an example error)}`` (``farm.failures``)
+    failures: dict = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -60,8 +65,13 @@ class SubmissionStatus(Tally):
         return self.counts[Status.succeeded.value] == self.total
 
     def __str__(self) -> str:
+        from farm.failures import lines
+
         parts = ", ".join(f"{n} {state}" for state, n in self.counts.items() if n)
-        return f"{self.submission_id}: {self.finished}/{self.total} finished ({parts})"
+        about = [f"{'campaign ' + self.campaign if self.campaign else self.label or ''}".strip(), ", ".join(self.models)]
+        about_text = " · ".join(a for a in about if a)
+        head = f"{self.submission_id}{' [' + about_text + ']' if about_text else ''}: {self.finished}/{self.total} finished ({parts})"
+        return "\n".join([head, *lines(self.failures)])
 
 
 class Submission:
@@ -75,10 +85,26 @@ class Submission:
         return f"<Submission {self.id}>"
 
     def status(self) -> SubmissionStatus:
+        """Counts by status, steps done, what it is (label or campaign, models) and its failures
+        grouped by reason class."""
+        from farm.db.tables import CampaignRecord
+        from farm.failures import summarize
+
+        mine = ImageRecord.submission_id == self.id
         with self._services.sessions() as session:
             counts = lifecycle.submission_counts(session, self.id)
-            done, total = lifecycle.steps(session, ImageRecord.submission_id == self.id)
-        return SubmissionStatus(self.id, counts, steps_done=done, steps_total=total)
+            done, total = lifecycle.steps(session, mine)
+            label, campaign = session.execute(
+                select(SubmissionRecord.label, CampaignRecord.name)
+                .outerjoin(CampaignRecord, CampaignRecord.id == SubmissionRecord.campaign_id)
+                .where(SubmissionRecord.id == self.id)
+            ).one()
+            models = tuple(session.scalars(select(ImageRecord.model).where(mine).distinct()))
+            failures = summarize(session, mine) if counts[Status.failed.value] else {}
+        return SubmissionStatus(
+            self.id, counts, steps_done=done, steps_total=total, label=label, campaign=campaign,
+            models=models, failures=failures,
+        )
 
     def wait(
         self, timeout: float | None = None, *, progress: bool = False, poll_interval: float = 0.5

@@ -7,7 +7,7 @@ own "gave up after N attempts" line. Metrics, ``farm status`` and campaign statu
 
 from __future__ import annotations
 
-__all__ = ["REASON_CLASSES", "reason_class"]
+__all__ = ["REASON_CLASSES", "lines", "reason_class", "summarize"]
 
 #: class → (what it means, what to do); the order is the order of the checks.
 REASON_CLASSES = {
@@ -43,6 +43,33 @@ def reason_class(error: str | None) -> str:
     if error.startswith("gave up after"):
         return "worker_lost"
     head = error.split(":", 1)[0].strip()
+    if head.startswith("CUDA error"):
+        return "render"
     if "out of memory" in error.lower() and head in ("RuntimeError", "OutOfMemoryError", "RenderError"):
         return "out_of_memory"
     return _BY_TYPE.get(head.rsplit(".", 1)[-1], "other")
+
+
+def summarize(session, *where) -> dict[str, tuple[int, str]]:
+    """Failed images matching ``where`` grouped by reason class: ``{class: (count, an example error)}``,
+    commonest first — what ``farm status``, campaign status and ``farm top`` show."""
+    from sqlalchemy import func, select
+
+    from farm.db.tables import ImageRecord, Status
+
+    grouped: dict[str, list] = {}
+    rows = session.execute(
+        select(ImageRecord.error, func.count())
+        .where(ImageRecord.status == Status.failed.value, *where)
+        .group_by(ImageRecord.error)
+        .order_by(func.count().desc())
+    )
+    for error, count in rows:
+        entry = grouped.setdefault(reason_class(error), [0, error or ""])
+        entry[0] += count
+    return {name: (count, example) for name, (count, example) in sorted(grouped.items(), key=lambda kv: -kv[1][0])}
+
+
+def lines(summary: dict[str, tuple[int, str]], indent: str = "  ") -> list[str]:
+    """One line per reason class: ``failed ×12 storage: StorageUnavailable: … (e.g.)``."""
+    return [f"{indent}failed ×{count} {name}: {example.splitlines()[0][:160] if example else ''}" for name, (count, example) in summary.items()]

@@ -20,6 +20,7 @@ from sqlalchemy import func, select, update
 from farm import lifecycle
 from farm.dispatch.publish import publish_queued
 from farm.errors import NotFound, ValidationError
+from farm.failures import summarize
 from farm.progress import Tally, wait_until
 from farm.results import ImageResult, image_result
 from farm.db.tables import CampaignRecord, CampaignState, ImageRecord, Status, utcnow
@@ -35,7 +36,8 @@ class CampaignStatus(Tally):
     counts: dict[str, int]
     images_per_s: float | None
     eta_seconds: float | None
-    failures: dict[str, int] = field(default_factory=dict)
+    #: failed images by reason class: ``{class: (count, an example error)}`` (``farm.failures``)
+    failures: dict[str, tuple[int, str]] = field(default_factory=dict)
     #: images × steps: finished images count whole, running ones as far as their worker got
     steps_done: int = 0
     steps_total: int = 0
@@ -44,9 +46,14 @@ class CampaignStatus(Tally):
         parts = ", ".join(f"{n} {s}" for s, n in self.counts.items() if n)
         rate = f", {self.images_per_s:.2f} images/s" if self.images_per_s else ""
         eta = f", ETA {timedelta(seconds=round(self.eta_seconds))}" if self.eta_seconds else ""
-        lines = [f"{self.name} [{self.state}]: {self.finished}/{self.total} finished ({parts}){rate}{eta}"]
-        lines += [f"  failed ×{n}: {reason}" for reason, n in self.failures.items()]
-        return "\n".join(lines)
+        from farm.failures import lines
+
+        head = f"{self.name} [{self.state}]: {self.finished}/{self.total} finished ({parts}){rate}{eta}"
+        return "\n".join([head, *lines(self.failures)])
+
+
+#: Seconds of finished images a campaign's rate and ETA are measured over.
+RATE_WINDOW_SECONDS = 600
 
 
 class CampaignControl:
@@ -123,29 +130,31 @@ class CampaignControl:
                     .group_by(ImageRecord.status)
                 ).all()
             )
-            failures = dict(
-                session.execute(
-                    select(ImageRecord.error, func.count())
-                    .where(ImageRecord.campaign_id == record.id, ImageRecord.status == Status.failed.value)
-                    .group_by(ImageRecord.error)
-                    .order_by(func.count().desc())
-                    .limit(10)
-                ).all()
-            )
-            first, last, done = session.execute(
-                select(func.min(ImageRecord.started_at), func.max(ImageRecord.finished_at), func.count()).where(
-                    ImageRecord.campaign_id == record.id, ImageRecord.status == Status.succeeded.value
+            failures = summarize(session, ImageRecord.campaign_id == record.id)
+            # the rate over the last RATE_WINDOW_SECONDS (or since the first image started, if later)
+            now = utcnow()
+            window_start = now - timedelta(seconds=RATE_WINDOW_SECONDS)
+            first = session.scalar(select(func.min(ImageRecord.started_at)).where(ImageRecord.campaign_id == record.id))
+            recent = session.scalar(
+                select(func.count()).where(
+                    ImageRecord.campaign_id == record.id,
+                    ImageRecord.status == Status.succeeded.value,
+                    ImageRecord.finished_at >= window_start,
                 )
-            ).one()
+            )
             steps_done, steps_total = lifecycle.steps(session, ImageRecord.campaign_id == record.id)
         counts = {s.value: int(found.get(s.value, 0)) for s in Status}
+        remaining = counts["queued"] + counts["running"] + counts["paused"]
         rate = eta = None
-        if done and first and last and last > first:
-            rate = done / (last - first).total_seconds()
-            remaining = counts["queued"] + counts["running"] + counts["paused"]
-            eta = remaining / rate if remaining else None
+        if recent and first:
+            span = (now - max(first, window_start)).total_seconds()
+            rate = recent / span if span > 0 else None
+            eta = remaining / rate if remaining and rate else None
+        state = record.state
+        if state == CampaignState.active.value and counts and not remaining and sum(counts.values()):
+            state = "finished"  # nothing left to render (failed images can still be retried)
         return CampaignStatus(
-            self.name, record.state, counts, rate, eta, {str(k): v for k, v in failures.items()},
+            self.name, state, counts, rate if remaining else None, eta, failures,
             steps_done=steps_done, steps_total=steps_total,
         )
 

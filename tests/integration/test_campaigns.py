@@ -167,7 +167,7 @@ def test_pause_resume_cancel_and_retry_failed_are_counted(farm_env, s3_env, tmp_
         ids = session.scalars(select(ImageRecord.id).join(CampaignRecord).where(CampaignRecord.name == "retry").limit(4)).all()
         session.execute(update(ImageRecord).where(ImageRecord.id.in_(ids)).values(status="failed", error="CUDA error: boom"))
     status = live.status()
-    assert status.counts["failed"] == 4 and status.failures == {"CUDA error: boom": 4}
+    assert status.counts["failed"] == 4 and status.failures == {"render": (4, "CUDA error: boom")}
     assert live.retry_failed() == 4
     final = live.wait(timeout=300)
     assert final.counts["succeeded"] == 10 and final.counts["failed"] == 0

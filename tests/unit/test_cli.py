@@ -160,7 +160,7 @@ def test_jsonl_invalid_request_points_at_its_line(farm_cli, good_line, make_requ
 def test_status_prints_counts(farm_cli, queued: str) -> None:
     result = farm_cli("status", queued)
     assert result.exit_code == 0, result.stderr
-    assert result.stdout.strip() == f"{queued}: 0/3 finished (3 queued)"
+    assert result.stdout.strip() == f"{queued} [tiny]: 0/3 finished (3 queued)"  # its model
 
 
 def test_status_of_unknown_id(farm_cli) -> None:
@@ -189,7 +189,7 @@ def test_cancel_then_wait_exits_1(farm_cli, queued: str) -> None:
     assert result.stdout.strip() == "canceled 3 image(s)"
     result = farm_cli("wait", queued, "--no-progress")
     assert result.exit_code == 1, result.stderr
-    assert result.stdout.strip() == f"{queued}: 3/3 finished (3 canceled)"
+    assert result.stdout.strip() == f"{queued} [tiny]: 3/3 finished (3 canceled)"
 
 
 # -- db and settings -----------------------------------------------------------------------------
