@@ -25,14 +25,6 @@ WORKER_READY_TIMEOUT = 180
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny random SD pipeline for the whole session (built through the real builder)."""
-    from workers.diffusion.tiny import make_tiny
-
-    return make_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0)
-
-
-@pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database for the session, dropped at the end."""
     from sqlalchemy import create_engine, text
