@@ -293,10 +293,9 @@ def test_compose_gives_each_service_only_its_own_settings() -> None:
             if SECRET_NAME.search(key) or key in ("MINIO_ROOT_USER",):
                 # a secret is always interpolated from .env and required there, never written here
                 assert re.search(r"\$\{[A-Z0-9_]+:\?", str(value)), f"{name}.{key} has a literal value"
-    assert set(services["flower"]["environment"]) <= {"FARM_BROKER_URL"} | {
-        k for k in services["flower"]["environment"] if k.startswith("FLOWER_")
-    }
-    assert "FLOWER_BASIC_AUTH" in services["flower"]["environment"]
+    for key in services["flower"]["environment"]:
+        assert key == "FARM_BROKER_URL" or key.startswith(("FLOWER_", "FARM_FLOWER_")), f"Flower gets {key}"
+    assert "FARM_FLOWER_BASIC_AUTH" in services["flower"]["environment"]
     assert set(services["migrate"]["environment"]) == {"FARM_DATABASE_URL"}
     exporter = services["exporter"]["environment"]
     assert not any(k.startswith("AWS_") or "S3" in k for k in exporter)
@@ -378,7 +377,7 @@ def test_flower_unit_reads_the_broker_and_its_login_only_and_binds_localhost() -
     assert "--address=127.0.0.1" in service["ExecStart"][0]
     assert "--basic-auth" not in service["ExecStart"][0], "the password stays out of the command line"
     keys = {line.split("=")[0] for line in (DEPLOY / "flower.env.example").read_text().splitlines() if "=" in line and not line.startswith("#")}
-    assert keys == {"FARM_BROKER_URL", "FLOWER_BASIC_AUTH"}
+    assert keys == {"FARM_BROKER_URL", "FARM_FLOWER_BASIC_AUTH"}
     exporter = {line.split("=")[0] for line in (DEPLOY / "exporter.env.example").read_text().splitlines() if "=" in line and not line.startswith("#")}
     assert not any(k.startswith("AWS_") for k in exporter) and "farm_ro:" in (DEPLOY / "exporter.env.example").read_text()
 
@@ -558,7 +557,7 @@ def test_each_component_references_only_its_own_secret() -> None:
     assert set(secrets) == {"farm-worker", "farm-flower", "farm-exporter", "farm-migrate"}
     for secret in secrets.values():
         assert all("CHANGE_ME" in value for value in secret["stringData"].values()), "placeholders only"
-    assert set(secrets["farm-flower"]["stringData"]) == {"FARM_BROKER_URL", "FLOWER_BASIC_AUTH"}
+    assert set(secrets["farm-flower"]["stringData"]) == {"FARM_BROKER_URL", "FARM_FLOWER_BASIC_AUTH"}
     assert "farm_ro:" in secrets["farm-exporter"]["stringData"]["FARM_DATABASE_URL"]
     expected = {"worker": "farm-worker", "flower": "farm-flower", "exporter": "farm-exporter", "migrate": "farm-migrate",
                 "reconcile": "farm-worker"}
