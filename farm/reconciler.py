@@ -14,6 +14,8 @@ with the database again:
    ``reconcile_deep_seconds`` anyway, the task ids the broker holds are compared with the images the
    database says are queued; those whose message is nowhere are published again
    (``farm.dispatch.broker_state``).
+4. **Gone workers' own queues**: LoRA jobs routed to a warm worker's own queue go back to the
+   model's shared queue once that worker's advert has expired (stopped, scaled away, renamed).
 
 Publishing twice is harmless (``farm.lifecycle`` claims each image once), so every step errs on the
 side of sending. It runs inside every ``farm worker`` supervisor and as ``farm reconcile``; however
@@ -57,19 +59,21 @@ class Round:
     taken_back: int = 0  # expired leases queued again
     published: int = 0  # outbox: recorded, never published
     republished: int = 0  # queued, but their message was nowhere in the broker
+    returned: int = 0  # messages moved from a gone worker's own queue to the shared one
     deep: bool = False  # the broker's queues were compared with the database
     errors: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> int:
-        return self.taken_back + self.published + self.republished
+        return self.taken_back + self.published + self.republished + self.returned
 
     def __str__(self) -> str:
         if not self.leader:
             return "another reconciler leads; nothing done"
         text = (
             f"expired leases queued again: {self.taken_back}; published from the outbox: {self.published}; "
-            f"republished (message lost): {self.republished}" + ("" if self.deep else " (broker not compared this round)")
+            f"republished (message lost): {self.republished}; moved from gone workers' queues: {self.returned}"
+            + ("" if self.deep else " (broker not compared this round)")
         )
         return text + "".join(f"\nerror: {e}" for e in self.errors)
 
@@ -111,6 +115,10 @@ class Reconciler:
             )
         except Exception as exc:  # noqa: BLE001
             result.errors.append(f"outbox: {_describe(exc)}")
+        try:  # messages routed to a warm worker that is gone go back to the shared queue
+            result.returned = self.broker.return_orphaned()
+        except Exception as exc:  # noqa: BLE001
+            result.errors.append(f"orphaned queues: {_describe(exc)}")
         try:
             lost = self.broker.lost_state()
             due = time.monotonic() - self._last_deep >= settings.reconcile_deep_seconds

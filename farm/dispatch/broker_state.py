@@ -67,6 +67,31 @@ class BrokerState:
             return self._folder_ids()
         return None
 
+    def return_orphaned(self) -> int:
+        """Move the messages of warm workers' own queues (``<prefix>.<model>.<node>``, affinity
+        routing) whose worker is gone — its advert expired: stopped, scaled away, renamed — back to
+        the model's shared queue, at the same priority. Returns how many were moved (Redis only)."""
+        if self.kind != "redis":
+            return 0
+        import re
+
+        client = self._client()
+        prefix = self.settings.queue_prefix
+        moved = 0
+        for model in self.settings.models:
+            base = f"{prefix}.{model}."
+            for key in client.scan_iter(match=f"{base}*", count=1000, _type="list"):
+                name = key.decode()
+                node, priority = re.fullmatch(r"(.+?)(:\d+)?", name[len(base):]).groups()
+                if "@" not in node:  # another model's queue whose name starts like this one (nodes have '@')
+                    continue
+                if client.exists(f"{prefix}:adverts:{model}:{node}"):
+                    continue  # its worker lives: it consumes its own queue
+                shared = f"{prefix}.{model}{priority or ''}"
+                while client.rpoplpush(name, shared) is not None:
+                    moved += 1
+        return moved
+
     def close(self) -> None:
         if self._redis is not None:
             self._redis.close()

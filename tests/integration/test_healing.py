@@ -171,3 +171,28 @@ def test_sigterm_to_the_whole_process_group_is_a_warm_shutdown(healing_env) -> N
     env.start_worker("term2")
     counts = _wait_finished(farm, [job.id], timeout=240)
     assert counts["succeeded"] == 6, (counts, env.worker_log("term2")[-3000:])
+
+
+def test_jobs_routed_to_a_worker_that_is_gone_go_back_to_the_shared_queue(healing_env, own_redis) -> None:
+    import redis
+
+    from farm.dispatch.publish import Batch, publish
+    from farm.dispatch.routing import own_queue
+
+    env = healing_env()
+    farm = env.farm()
+    settings = farm.settings
+    gone, alive = "tiny-gpu0@scaled-away", "tiny-gpu1@here"
+    client = redis.Redis.from_url(own_redis.url)
+    client.set(f"{settings.queue_prefix}:adverts:tiny:{alive}", "{}", ex=60)
+    publish(farm.celery, [
+        Batch("t-gone", "tiny", ("a",), "x", queue=own_queue(settings, "tiny", gone), priority=6),
+        Batch("t-alive", "tiny", ("b",), "x", queue=own_queue(settings, "tiny", alive)),
+    ], settings, origin="test")
+
+    result = farm.reconcile(deep=False)
+
+    assert result.returned == 1
+    shared = f"{settings.queue_for('tiny')}:6"  # the same priority, in the shared queue
+    assert client.llen(shared) == 1 and client.llen(f"{own_queue(settings, 'tiny', gone)}:6") == 0
+    assert client.llen(own_queue(settings, "tiny", alive)) == 1  # a live worker keeps its own
