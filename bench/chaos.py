@@ -62,6 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the farm of this tree (also for the processes: PYTHONPATH below)
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 PROMPT_COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 PROMPT_SHAPES = ["circle", "square", "triangle", "cross"]
@@ -372,7 +373,9 @@ class Stack:
 
     def base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("FARM_", "AWS_"))}
-        env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+        env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+                    # the farm under test is the tree this script lies in (a snapshot of it, too)
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
         return env
 
     def cli(self, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -1165,13 +1168,18 @@ def log_evidence(tmp: Path, workers: Workers) -> dict:
     }
     counts: dict[str, int] = {k: 0 for k in patterns}
     per_worker = {}
+    exceptions: collections.Counter = collections.Counter()
     for sup in workers.supervisors:
         text = sup.log_path.read_text(errors="replace") if sup.log_path.exists() else ""
         found = {k: text.count(p) for k, p in patterns.items()}
+        # the last line of each traceback, and Celery's one-line criticals: what crashed, how often
+        for match in re.finditer(r"^(?:[\w.]+(?:Error|Exception|Exit)(?::[^\n]*)?|.*CRITICAL.*)$", text, re.M):
+            line = re.sub(r"^\[[^\]]*\] ", "", match.group(0))
+            exceptions[reason_of(line)[:140]] += 1
         per_worker[sup.name] = {k: n for k, n in found.items() if n}
         for k in patterns:
             counts[k] += found[k]
-    return {"totals": counts, "per_worker": per_worker}
+    return {"totals": counts, "per_worker": per_worker, "top_errors": dict(exceptions.most_common(8))}
 
 
 def poison_in_redis(stack: Stack, chaos: "Chaos", *, others: collections.Counter | None = None,
@@ -1254,7 +1262,8 @@ def main(argv: list[str] | None = None) -> int:
     workers: Workers | None = None
     chaos: Chaos | None = None
     progress = Progress(stack)
-    output: dict = {"form": "short" if args.short else "full", "seed": args.seed, "plan": asdict(plan)}
+    output: dict = {"form": "short" if args.short else "full", "seed": args.seed, "code": code_identity(),
+                    "plan": asdict(plan)}
     harness_errors: list[str] = []
     manual_steps = 0
     interrupted = False
@@ -1391,6 +1400,20 @@ def main(argv: list[str] | None = None) -> int:
         (args.artifacts / "result.json").write_text(json.dumps(ordered, indent=1, default=str))
     print(json.dumps(ordered, default=str), flush=True)
     return {"pass": 0, "product-fail": 1, "harness-error": 2, "incomplete": 3}[output["verdict"]]
+
+
+def code_identity() -> dict:
+    """Which farm ran: the tree, its commit and how many files differ from it (others edit it live)."""
+    identity: dict = {"tree": str(REPO)}
+    try:
+        identity["commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                            capture_output=True, text=True, timeout=10).stdout.strip() or None
+        status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=30).stdout
+        identity["modified_files"] = len(status.splitlines())
+    except (OSError, subprocess.SubprocessError):
+        identity["commit"] = None
+    return identity
 
 
 def restore(stack: Stack) -> None:
