@@ -156,10 +156,13 @@ def _metrics_folder(settings: Settings):
 
 def _serve_metrics(settings: Settings, folder, slots: list[Slot]):
     """Serve every render process's metrics (``workers.metrics``) and ``farm_worker_up`` on
-    ``FARM_WORKER_METRICS_PORT``; None when off or the port is taken (logged, never fatal)."""
+    ``FARM_WORKER_METRICS_PORT`` at ``/metrics``, and ``/readyz`` (200 once every process has its model
+    loaded, else 503: a readiness probe); None when off or the port is taken (logged, never fatal)."""
     if settings.worker_metrics_port is None:
         return None
-    from prometheus_client import CollectorRegistry, start_http_server
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import CollectorRegistry, make_wsgi_app
     from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -173,11 +176,30 @@ def _serve_metrics(settings: Settings, folder, slots: list[Slot]):
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(folder))
     registry.register(Up())
+    metrics_app = make_wsgi_app(registry)
+
+    def ready() -> bool:
+        loaded = {s.labels.get("worker") for m in registry.collect() if m.name == "farm_worker_ready"
+                  for s in m.samples if s.value >= 1}
+        return all(slot.name in loaded and slot.process is not None and slot.process.poll() is None for slot in slots)
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO") == "/readyz":
+            ok = ready()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ready\n" if ok else b"loading\n"]
+        return metrics_app(environ, start_response)
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args) -> None:  # scrapes every few seconds: not a log line each
+            pass
+
     try:
-        server, _thread = start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host, registry=registry)
+        server = make_server(settings.worker_metrics_host, settings.worker_metrics_port, app, handler_class=Quiet)
     except OSError as exc:
         log.warning("worker metrics not served on port %d: %s", settings.worker_metrics_port, exc)
         return None
+    threading.Thread(target=server.serve_forever, daemon=True, name="worker-metrics").start()
     log.info("worker metrics on http://%s:%d/metrics", settings.worker_metrics_host, settings.worker_metrics_port)
     return server
 

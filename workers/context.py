@@ -222,6 +222,7 @@ class WorkerContext:
             log.exception("model %s could not be loaded", self.model_name)
             return
         self.finisher.drain_spool(timeout=60)
+        self.metrics.ready()
         self.advertise()
 
     def warm_up(self) -> None:

@@ -19,7 +19,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from farm.dispatch.celery_app import make_celery
 from farm.dispatch.routing import own_queue, routes
 from farm.settings import Settings
-import workers.consumption
+from workers.consumption import install as install_poison_guard
 from workers.context import WorkerContext
 from workers.tasks import register
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     register(app, context)
     # a message that cannot be decoded or validated is kept aside as a dead letter and acked, never a
     # consumer crash or a restart loop (workers.consumption; `farm dead-letters`)
-    workers.consumption.install(app, settings)
+    install_poison_guard(app, settings)
 
     import workers.diffusion.render  # noqa: F401  - torch + diffusers imported once, before the pool forks
     from diffusers.utils import logging as diffusers_logging

@@ -16,6 +16,7 @@ serves them all on ``FARM_WORKER_METRICS_PORT`` (``farm.supervisor``), labelled 
 ``farm_worker_gpu_memory_bytes{worker}``      peak GPU memory of the last chunk (CUDA only)
 ``farm_worker_uploads_pending{worker}``       chunks handed to the finisher, not finished
 ``farm_spool_bytes{worker}``                  rendered PNGs waiting for storage in the local spool
+``farm_worker_ready{worker}``                 1 once the process has its model loaded (``/readyz``)
 ==========================================  ==============================================================
 
 Nothing here may fail a task: every update is guarded.
@@ -40,6 +41,7 @@ CHUNK = Histogram("farm_worker_chunk_images", "Images rendered at once", ["worke
 LORA = Counter("farm_worker_lora_loads", "LoRA adapters served, by level", ["worker", "level"])
 GPU_MEMORY = Gauge("farm_worker_gpu_memory_bytes", "Peak GPU memory of the last chunk", ["worker"], multiprocess_mode="liveall")
 PENDING = Gauge("farm_worker_uploads_pending", "Chunks handed off, not finished", ["worker"], multiprocess_mode="liveall")
+READY = Gauge("farm_worker_ready", "1 once the process has its model loaded", ["worker"], multiprocess_mode="liveall")
 SPOOL = Gauge("farm_spool_bytes", "Bytes waiting for storage in the spool", ["worker"], multiprocess_mode="liveall")
 
 
@@ -79,6 +81,9 @@ class WorkerMetrics:
                 torch.cuda.reset_peak_memory_stats()
 
         _guard(update)
+
+    def ready(self) -> None:
+        _guard(lambda: READY.labels(self.worker).set(1))
 
     def finisher(self, pending: int, spool_bytes: int) -> None:
         def update() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -34,6 +35,15 @@ def test_worker_metrics_count_images_and_time_every_phase(make_farm_env) -> None
     env = make_farm_env("servers", FARM_WORKER_METRICS_PORT=str(port), FARM_WORKER_METRICS_HOST="127.0.0.1")
     env.start_worker("metrics")
     try:
+        deadline = time.monotonic() + 60  # a readiness probe: 503 while the model loads, then 200
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as answer:
+                    assert answer.status == 200
+                    break
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 503 and time.monotonic() < deadline, [s for s in _scrape(port) if "ready" in s.name]
+                time.sleep(0.5)
         farm = env.farm()
         job = farm.submit_many([{"prompt": "a red circle", "num_images": 3, "width": 64, "height": 64, "steps": 3}])
         job.wait(timeout=180)
