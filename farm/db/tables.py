@@ -200,3 +200,52 @@ class LeaseRecord(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(255))
     expires_at: Mapped[datetime]
+
+
+# -- the HTTP API (farm.api): keys and who owns which submission ---------------------------------
+
+
+class ApiKeyRecord(Base):
+    """An API key of ``farm api``: only its sha256 is kept (the key is shown once, at creation)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    #: sha256 (hex) of the key; the key itself is never stored
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    #: the key's first characters, to tell keys apart in listings (not enough to use it)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+    #: requests per second (token bucket, burst = max(1, rate)); NULL: unlimited
+    rate: Mapped[float | None] = mapped_column(Float)
+    #: unfinished jobs at once; NULL: unlimited
+    concurrency: Mapped[int | None] = mapped_column(Integer)
+    #: HMAC-SHA256 secret that signs this key's webhooks (the server must sign, so it is kept)
+    webhook_secret: Mapped[str] = mapped_column(String(64))
+    #: the caller's A1111 options (POST /sdapi/v1/options): sd_model_checkpoint, CLIP_stop_at_last_layers
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class ApiJobRecord(Base):
+    """A submission made through ``farm api``: whose it is, and its webhook's delivery state."""
+
+    __tablename__ = "api_jobs"
+
+    submission_id: Mapped[str] = mapped_column(
+        ForeignKey("submissions.id", ondelete="CASCADE"), primary_key=True
+    )
+    #: NULL: made without a key (``farm api --no-auth``, loopback only)
+    key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    #: txt2img | img2img | job
+    kind: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: what the A1111 answer needs besides the images (the request as the caller gave it, trimmed)
+    request: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    #: pending | delivered | failed (NULL: no webhook)
+    webhook_state: Mapped[str | None] = mapped_column(String(16), index=True)
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_next_at: Mapped[datetime | None]
+    webhook_error: Mapped[str | None] = mapped_column(Text)
