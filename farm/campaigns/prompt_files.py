@@ -75,6 +75,31 @@ def coerce(field: str, value: Any, where: str) -> Any:
 #: ensure_ascii=False, default=str)`` (item keys of rows without an id depend on it, so it never
 #: changes), with the encoder built once instead of per row.
 _CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str).encode
+_JSON_STR = json.encoder.encode_basestring  # what that encoder writes a str as (ensure_ascii=False)
+
+
+def canonical(fields: dict[str, Any]) -> str:
+    """``_CANONICAL(fields)``, character for character, built directly when every value is a plain
+    str, int, finite float, bool or None (a prompt file's usual row: ~5× faster than the encoder);
+    anything else goes through the encoder itself."""
+    parts = []
+    for key in sorted(fields):
+        value = fields[key]
+        kind = value.__class__
+        if kind is str:
+            text = _JSON_STR(value)
+        elif kind is int:
+            text = int.__repr__(value)
+        elif kind is float and math.isfinite(value):
+            text = float.__repr__(value)
+        elif kind is bool:
+            text = "true" if value else "false"
+        elif value is None:
+            text = "null"
+        else:
+            return _CANONICAL(fields)
+        parts.append(f"{_JSON_STR(key)}: {text}")
+    return "{" + ", ".join(parts) + "}"
 
 
 def row_id(explicit: str | None, fields: dict[str, Any]) -> str:
@@ -83,17 +108,18 @@ def row_id(explicit: str | None, fields: dict[str, Any]) -> str:
         return explicit
     # surrogatepass: valid text encodes as plain UTF-8 (same hash); a lone surrogate is hashed here
     # and refused by the request checks, which name its field
-    return hashlib.sha256(_CANONICAL(fields).encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    return hashlib.sha256(canonical(fields).encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
 def finish_row(number: int, raw: dict[str, Any], where: str) -> Row:
     fields = {}
+    types = FIELD_TYPES
     for key, value in raw.items():
         if value is None or (value.__class__ is str and not value):
             continue
         if key.__class__ is not str:
             raise ValidationError("column", shown(key), "column names must be text", where=where)
-        fields[key] = coerce(key, value, where)
+        fields[key] = coerce(key, value, where) if key in types else value
     if not isinstance(fields.get("prompt"), str):
         raise ValidationError("prompt", shown(fields.get("prompt")), "is required in every row", where=where)
     explicit = fields.pop(ID_COLUMN, None)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import queue
+import threading
 import uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -99,6 +101,54 @@ class _InTransaction:
         return nullcontext(self._session)
 
 
+class _Writer:
+    """Writes the chunks of one submit on a thread of its own, in the submit's open transaction.
+
+    The checking of rows (Python, holding the GIL) and the database's work on the previous chunk
+    (PostgreSQL's COPY in the server, SQLite's inserts in C without the GIL) overlap instead of
+    taking turns. At most two chunks wait, so memory stays bounded. Only this thread touches the
+    session until the ``with`` block ends, which waits for the last write; a write's error is
+    raised in the submitting thread, and an error there stops the writer before the rollback.
+    """
+
+    _STOP = object()
+
+    def __init__(self, write: Callable[[Any], None]):
+        self._write = write
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._stopping = False  # the submit failed: what is still queued is not written
+        self._thread = threading.Thread(target=self._run, name="farm-campaign-writer", daemon=True)
+
+    def __enter__(self) -> "_Writer":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not self._STOP:
+            if self._error is None and not self._stopping:  # after an error, drain without writing
+                try:
+                    self._write(chunk)
+                except BaseException as exc:  # noqa: BLE001 - raised again in the submitting thread
+                    self._error = exc
+
+    def put(self, chunk: Any) -> None:
+        if self._error is not None:
+            self._raise()
+        self._queue.put(chunk)
+
+    def _raise(self) -> None:
+        error, self._error = self._error, None
+        raise error  # type: ignore[misc]
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self._stopping = kind is not None
+        self._queue.put(self._STOP)
+        self._thread.join()  # the last write is done (or stopped) before a commit or rollback
+        if kind is None and self._error is not None:
+            self._raise()
+
+
 @dataclass
 class _Chunk:
     """A recorded chunk, published after the commit: its batches, or None (publish from the database)."""
@@ -168,14 +218,21 @@ class Campaign(CampaignControl):
             fresh = not self._has_images(session, record)  # a new campaign: no key can exist yet
             recorded: list[_Chunk] = []
             held = 0
-            for chunk in self._chunks(intake, source, combos, cap, settings.campaign_chunk_size):
-                self._count(report, chunk, per_step)
+
+            def write(chunk: list[tuple[str, ImageSpec]]) -> None:
+                nonlocal held
                 written = self._write_chunk(session, record, chunk, report, fresh=fresh)
                 if written is not None:
                     submission_id, batches, count = written
                     keep = held + count <= HOLD_IMAGES
                     held += count if keep else 0
                     recorded.append(_Chunk(submission_id, batches if keep else None))
+
+            # the database writes chunk N (on the writer's thread) while chunk N+1 is checked here
+            with _Writer(write) as writer:
+                for chunk in self._chunks(intake, source, combos, cap, settings.campaign_chunk_size):
+                    self._count(report, chunk, per_step)
+                    writer.put(chunk)
             if on_total is not None:  # the count and estimate, before anything is committed or queued
                 on_total(report)
             intake.upload_inputs()  # every row is valid: store the input images (once each, by content)
@@ -196,7 +253,14 @@ class Campaign(CampaignControl):
         prepare = intake.prepare
         sha256 = hashlib.sha256
         for number, explicit, fields in self._rows(source):
-            rid = row_id(explicit, fields)
+            try:
+                rid = row_id(explicit, fields)
+            except (RecursionError, ValueError) as exc:  # nested past the stack, holding itself, a 5,000-digit int
+                reason = "nests too deep" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+                raise ValidationError(
+                    "row", shown(fields.get("prompt")), f"cannot be read as request fields ({reason})",
+                    where=self._where(source, number),
+                ) from None
             seen_key = rid if len(rid) <= 40 else sha256(rid.encode()).digest()
             first = seen.setdefault(seen_key, number)
             if first != number:
