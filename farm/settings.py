@@ -293,8 +293,16 @@ class Settings(BaseSettings):
             super().__init__(**values)
         except pydantic.ValidationError as exc:
             raise ConfigError(_describe(exc)) from None
-        except (ValueError, TypeError, OSError) as exc:  # a .env file or value pydantic itself trips on
-            raise ConfigError(f"bad settings: {redact(str(exc))}") from None
+        except (ValueError, TypeError, OSError) as exc:  # a .env file or value pydantic-settings trips on
+            text = redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            named = re.search(r'field "(\w+)"', text)
+            if named is None:
+                raise ConfigError(f"bad settings: {text}") from None
+            variable = f"FARM_{named[1].upper()}"
+            raise ConfigError(
+                f"bad setting {variable}: {text} (a nested setting is JSON, e.g. {variable}='{{\"key\": 1}}', "
+                f"or one value at a time, e.g. {variable}__KEY=1)"
+            ) from None
 
     def __repr_args__(self):
         # repr(settings) / str(settings) show URLs without their passwords

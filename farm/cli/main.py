@@ -19,7 +19,7 @@ from farm.cli.plugins import PluginGroup
 from farm.cli.common import EXIT_FAILED, FarmCommands, load_settings, open_farm
 from farm.cli.lora import lora
 from farm.errors import ValidationError
-from farm.request.text import check_label
+from farm.request.text import check_label, check_name
 
 
 @click.group(cls=FarmCommands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -212,6 +212,8 @@ def worker(model, gpus, cpu, name, processes, loglevel):
 
     from farm import supervisor
 
+    if name is not None:  # it names the worker in the database (images.worker: varchar(255)) and in Celery
+        check_name("--name", name, max_chars=200)
     logging.basicConfig(level=loglevel, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
     settings = load_settings()
     model = model or settings.default_model

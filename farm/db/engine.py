@@ -17,7 +17,7 @@ def shown_url(engine_or_url) -> str:
     """A database URL as it may be shown: its password replaced by ``***``."""
     url = getattr(engine_or_url, "url", engine_or_url)
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        return redact(make_url(url).render_as_string(hide_password=True))
     except Exception:  # noqa: BLE001 - not parseable: show nothing of it
         return "(an unparseable URL)"
 

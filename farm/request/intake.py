@@ -60,6 +60,14 @@ class Intake:
         ``index`` locates errors (``request 3``); ``base_dir`` is where relative image paths start
         (a campaign's prompt file's folder; default: the working directory).
         """
+        try:
+            return self._prepare(request, index, base_dir)
+        except RecursionError:  # a value nested past Python's stack (what json.loads already refuses)
+            raise ValidationError(
+                "request", "…", "nests too deep: request fields are flat values, lists and objects", index=index
+            ) from None
+
+    def _prepare(self, request: Any, index: int | None, base_dir: Path | None) -> list[ImageSpec]:
         if request.__class__ is not dict and isinstance(request, GenerationRequest):
             request = request.to_dict()
         inputs = None
@@ -71,10 +79,7 @@ class Intake:
                 mask=self._image(request.get("mask"), "mask", "L", index, base_dir),
                 loras=self._loras_of(request.get("loras"), index),
             )
-        try:
-            return check_request(request, self.settings, index=index, inputs=inputs, catalogue=self.catalogue).images
-        except RecursionError:  # a value nested past Python's stack (what json.loads already refuses)
-            raise ValidationError("request", "…", "nests too deep: request fields are flat values, lists and objects", index=index) from None
+        return check_request(request, self.settings, index=index, inputs=inputs, catalogue=self.catalogue).images
 
     def upload_inputs(self) -> int:
         """Store every checked input image once (content-addressed); returns how many were new."""
