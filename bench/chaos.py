@@ -1020,6 +1020,10 @@ class Chaos:
             # takes the oldest): if no worker runs it, the envelope is wrong, not the workers
             self.control_id = f"chaos-control-{uuid.uuid4().hex[:8]}"
             control = json.loads(json.dumps(self.template))
+            # one image id that is nowhere in the database: the task claims nothing and returns
+            control["body"] = base64.b64encode(json.dumps(
+                [[], {"image_ids": [str(uuid.uuid4())], "model": self.stack.model_name},
+                 {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]).encode()).decode()
             control["headers"]["id"] = control["headers"]["root_id"] = self.control_id
             control["properties"]["correlation_id"] = control["properties"]["delivery_tag"] = self.control_id
             control["properties"]["delivery_info"] = {"exchange": "", "routing_key": queue}
@@ -1155,7 +1159,7 @@ def stalls(successes: list[float], t0: float, chaos: "Chaos", end: float | None 
 def log_evidence(tmp: Path, workers: Workers) -> dict:
     patterns = {
         "unrecoverable_error": "Unrecoverable error",
-        "worker_lost": "WorkerLostError",
+        "worker_lost": "Task handler raised error: WorkerLostError",
         "supervisor_restarts": "exited with",
         "tracebacks": "Traceback (most recent call last)",
         "lease_sweeps_requeued": "queued again",
