@@ -150,3 +150,122 @@ def test_import_is_light() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+# -- the linear parser against A1111's original, on random prompts ------------------------------------
+
+import random
+import re
+
+# A1111's modules/prompt_parser.py, verbatim but for the depth it does not track (the reference here:
+# farm's parser was rewritten to be linear and must still give exactly this).
+_A1111_ATTENTION = re.compile(
+    r"""
+\\\(|
+\\\)|
+\\\[|
+\\]|
+\\\\|
+\\|
+\(|
+\[|
+:\s*([+-]?[.\d]+)\s*\)|
+\)|
+]|
+[^\\()\[\]:]+|
+:
+""",
+    re.X,
+)
+_A1111_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def a1111_parse(text: str) -> tuple[list[list], int]:
+    res: list[list] = []
+    round_brackets: list[int] = []
+    square_brackets: list[int] = []
+    depth = 0
+
+    def multiply_range(start_position: int, multiplier: float) -> None:
+        for p in range(start_position, len(res)):
+            res[p][1] *= multiplier
+
+    for m in _A1111_ATTENTION.finditer(text):
+        text = m.group(0)
+        weight = m.group(1)
+        if text.startswith("\\"):
+            res.append([text[1:], 1.0])
+        elif text == "(":
+            round_brackets.append(len(res))
+        elif text == "[":
+            square_brackets.append(len(res))
+        elif weight is not None and round_brackets:
+            multiply_range(round_brackets.pop(), float(weight))
+        elif text == ")" and round_brackets:
+            multiply_range(round_brackets.pop(), 1.1)
+        elif text == "]" and square_brackets:
+            multiply_range(square_brackets.pop(), 1 / 1.1)
+        else:
+            for i, part in enumerate(re.split(_A1111_BREAK, text)):
+                if i > 0:
+                    res.append(["BREAK", -1])
+                res.append([part, 1.0])
+        depth = max(depth, len(round_brackets) + len(square_brackets))
+    for pos in round_brackets:
+        multiply_range(pos, 1.1)
+    for pos in square_brackets:
+        multiply_range(pos, 1 / 1.1)
+    if len(res) == 0:
+        res = [["", 1.0]]
+    i = 0
+    while i + 1 < len(res):
+        if res[i][1] == res[i + 1][1]:
+            res[i][0] += res[i + 1][0]
+            res.pop(i + 1)
+        else:
+            i += 1
+    return res, depth
+
+
+_ALPHABET = ["(", ")", "[", "]", ":", "1", ".", "5", "2", " ", "  ", "\t", "\n", "\\", "a", "cat", "B", "BREAK",
+             " BREAK ", "BREAKFAST", "+", "-", ",", "é"]
+
+
+def _outcome(function, prompt: str):
+    try:
+        return ("ok", function(prompt))
+    except ValidationError as exc:
+        return ("refused", exc.limit)
+    except ValueError:
+        return ("ValueError", None)
+
+
+def _reference_check(prompt: str) -> None:
+    """farm's check as it was before the linear parser, on A1111's own parse."""
+    try:
+        pieces, depth = a1111_parse(prompt)
+    except ValueError as exc:
+        raise ValidationError("prompt", prompt, str(exc)) from None
+    if depth > MAX_NESTING:
+        raise ValidationError("prompt", prompt, f"brackets are nested {depth} deep; at most {MAX_NESTING} levels are allowed")
+    for text, weight in pieces:
+        if text == "BREAK" and weight == -1:
+            continue
+        if text == "BREAK" and weight < 0:
+            raise ValidationError("prompt", prompt, "BREAK inside brackets")
+        if not 0.0 <= weight <= 10.0:
+            raise ValidationError("prompt", prompt, f"attention weight {round(weight, 4):g} on {text!r}")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_linear_parser_gives_exactly_a1111s_result_on_random_prompts(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(2500):
+        prompt = "".join(rng.choice(_ALPHABET) for _ in range(rng.randint(0, 30)))
+        expected = _outcome(lambda p: [tuple(piece) for piece in a1111_parse(p)[0]], prompt)
+        assert _outcome(parse, prompt) == expected, prompt
+        assert has_syntax(prompt) == (expected[0] != "ok" or expected[1] != [(prompt, 1.0)]), prompt
+        ours, reference = _outcome(check, prompt), _outcome(_reference_check, prompt)
+        assert ours[0] == reference[0], (prompt, ours, reference)
+        if ours[0] == "refused" and "nested" in reference[1]:  # the depth reported is the deepest there is
+            assert ours[1] == reference[1], (prompt, ours, reference)
