@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from farm.errors import ConfigError
@@ -199,6 +199,13 @@ class Settings(BaseSettings):
     #: On SIGTERM a render process finishes its chunk if it can within this many seconds; else it
     #: stops and hands its images back at once (claim released, no attempt counted).
     shutdown_seconds: float = Field(default=30.0, ge=0)
+
+    # -- Flower (`farm flower`) ----------------------------------------------------------------------
+    #: ``user:password`` Flower asks for (its pages and API); `farm flower` refuses to start without
+    #: it unless given --insecure.
+    flower_basic_auth: SecretStr | None = None
+    flower_address: str = "127.0.0.1"
+    flower_port: int = Field(default=5555, ge=1, le=65535)
 
     # -- metrics (Prometheus) ---------------------------------------------------------------------
     #: Port where `farm worker` serves its processes' metrics (workers.metrics); None: off.

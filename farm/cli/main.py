@@ -17,7 +17,9 @@ import click
 from farm.cli.campaign import campaign
 from farm.cli.plugins import PluginGroup
 from farm.cli.common import EXIT_FAILED, FarmCommands, load_settings, open_farm
+from farm.cli.dead_letters import dead_letters
 from farm.cli.lora import lora
+from farm.cli.operate import exporter, flower, top
 from farm.errors import ValidationError
 from farm.request.text import check_label, check_name
 
@@ -217,12 +219,16 @@ def worker(model, gpus, cpu, name, processes, loglevel):
     logging.basicConfig(level=loglevel, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
     settings = load_settings()
     model = model or settings.default_model
-    slots = supervisor.plan_slots(gpus, cpu=cpu, name=name, count=processes)
+    slots = supervisor.plan_slots(gpus, cpu=cpu, name=name, count=processes, model=model)
     sys.exit(supervisor.run(settings, model=model, slots=slots, loglevel=loglevel))
 
 
 main.add_command(campaign)
 main.add_command(lora)
+main.add_command(dead_letters)
+main.add_command(top)
+main.add_command(exporter)
+main.add_command(flower)
 
 
 @main.group()
@@ -258,15 +264,6 @@ def demo(out, device):
     from farm.demo import run_demo
 
     click.echo(str(run_demo(load_settings(), out, device=device)))
-
-
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.pass_context
-def flower(ctx):
-    """Start Flower on the farm's broker (extra options go to Flower, e.g. --port=5555)."""
-    from farm.dispatch.celery_app import make_celery
-
-    make_celery(load_settings()).start(["flower", *ctx.args])
 
 
 if __name__ == "__main__":
