@@ -1445,7 +1445,7 @@ def summarize_faults(chaos: Chaos) -> dict:
         "after_campaign_done": chaos.faults_after_done,
         "kills_of_rendering_processes": sum(1 for f in ran if f.kind == "kill_render" and f.detail.get("was_rendering")),
         "outage_seconds": {f.kind: round(f.ended - f.started, 1) for f in chaos.outages if f.started and f.ended},
-        "timeline": [{"kind": f.kind, "at_s": round(f.started - ran[0].started, 1) if ran else None,
+        "timeline": [{"kind": f.kind, "at_s": round(f.started - chaos.progress.t0, 1),  # from the campaign submit
                       "progress": f.progress_at_start, "applied": f.applied, "verified": f.verified}
                      for f in sorted(ran, key=lambda f: f.started)],
     }
