@@ -5,7 +5,11 @@ A model location (from ``Settings.models``) is one of:
 * ``builtin:tiny``: the tiny random pipeline, built on first use into ``<models_dir>/tiny``;
 * a local diffusers folder (``model_index.json`` + ``unet/ vae/ text_encoder/ tokenizer/ scheduler/``);
 * a Hugging Face hub id (``owner/name``), downloaded into ``<models_dir>/hub`` (safetensors and
-  configs of the five components only).
+  configs of the five components only);
+* a single ``.safetensors`` checkpoint (LDM/A1111 layout), converted once offline into
+  ``<models_dir>/single-file/<sha256>/`` (:mod:`workers.diffusion.single_file`); its model hash is
+  A1111's AutoV2 (first 10 hex digits of the file's sha256);
+* any of these with ``;vae=<file or folder>``: that VAE replaces the model's.
 
 The farm loads ``.safetensors`` weights only and never unpickles anything: a pickle file can run
 arbitrary code when loaded, and a render farm loads models named in its configuration on many
@@ -26,7 +30,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from farm.errors import ModelLoadError
-from farm.catalogue import BUILTINS, locate
+from farm.catalogue import BUILTINS, ModelLocation, autov2_hash, locate
 from workers.diffusion.tiny import make_tiny
 
 #: Components whose weights are checked before loading.
@@ -94,7 +98,7 @@ def check_model_folder(path: Path) -> None:
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(
             f"{path} has no model_index.json, so it is not a diffusers pipeline folder "
-            "(a single-file checkpoint must first be converted to a diffusers folder)"
+            "(a single .safetensors checkpoint is configured as the file itself)"
         )
     for component in WEIGHT_COMPONENTS + CONFIG_COMPONENTS:
         if not (path / component).is_dir():
@@ -169,7 +173,16 @@ def resolve_location(name: str, location: str, models_dir: Path) -> Path:
     a hub id is downloaded. Single-file checkpoints and anything else raise :class:`ModelLoadError`.
     """
     found = locate(name, location, Path(models_dir))  # the catalogue classifies; this builds or fetches
-    location = found.configured
+    location = found.hub_id or found.configured
+    if found.unknown_options:
+        raise ModelLoadError(
+            f"model {name!r}: unknown location option(s) {', '.join(found.unknown_options)} "
+            "(known: ;vae=FILE_OR_FOLDER, ;config=DIFFUSERS_FOLDER)"
+        )
+    if found.kind == "single_file":
+        from workers.diffusion.single_file import converted_folder
+
+        return converted_folder(name, found.path, Path(models_dir), config=found.config)
     if found.kind == "built":
         return make_tiny(found.path)
     if found.kind == "shipped":
@@ -186,10 +199,7 @@ def resolve_location(name: str, location: str, models_dir: Path) -> Path:
         raise ModelLoadError(f"model {name!r}: unknown built-in model {location!r} (known: {', '.join(BUILTINS)})")
     suffix = found.path.suffix.lower()
     if suffix == ".safetensors":
-        raise ModelLoadError(
-            f"model {name!r}: {location} is a single-file checkpoint; the farm loads diffusers folders: "
-            "convert it first, e.g. StableDiffusionPipeline.from_single_file(...).save_pretrained(DST)"
-        )
+        raise ModelLoadError(f"model {name!r}: {found.path} (a single-file checkpoint) does not exist")
     if suffix in PICKLE_SUFFIXES:
         raise ModelLoadError(
             f"model {name!r}: {location} is a pickle checkpoint: farm loads safetensors only and never "
@@ -225,6 +235,7 @@ def load_pipeline(
     """
     path = resolve_location(name, location, models_dir)
     check_model_folder(path)
+    found: ModelLocation = locate(name, location, Path(models_dir))
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -238,6 +249,10 @@ def load_pipeline(
         )
     except Exception as exc:
         raise ModelLoadError(f"model {name!r}: cannot load {path}: {type(exc).__name__}: {exc}") from exc
+    if found.vae is not None:
+        from workers.diffusion.single_file import load_vae
+
+        pipe.register_modules(vae=load_vae(name, found.vae, Path(models_dir), reference_config=path / "vae", dtype=dtype))
     try:
         pipe.to(device)
     except Exception as exc:
@@ -250,6 +265,8 @@ def load_pipeline(
         options = optimize(pipe, device=device, **dict(speed or {}))
     except Exception as exc:
         raise ModelLoadError(f"model {name!r}: cannot apply speed options {dict(speed or {})}: {type(exc).__name__}: {exc}") from exc
+    # A single file's hash is A1111's (AutoV2 of the file), so images match what A1111/Civitai show.
+    short_hash = autov2_hash(found.path) if found.kind == "single_file" else model_hash(path)
     return LoadedModel(
-        name=name, path=path, hash=model_hash(path), pipe=pipe, device=device, dtype=dtype, speed=options.as_dict()
+        name=name, path=path, hash=short_hash, pipe=pipe, device=device, dtype=dtype, speed=options.as_dict()
     )

@@ -223,3 +223,32 @@ def make_tiny(path: Path, *, seed: int = 0, in_channels: int = 4) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return path
+
+
+def export_ldm(folder: Path, file: Path, *, dtype=None, ema: bool = False) -> Path:
+    """Write the diffusers pipeline in ``folder`` (e.g. :func:`make_tiny`'s) as ONE LDM-layout
+    ``.safetensors`` checkpoint at ``file`` (what A1111 loads; keys mapped by
+    :func:`workers.diffusion.single_file.diffusers_to_ldm`). ``dtype``: cast (e.g. ``torch.float16``);
+    ``ema``: also write ``model_ema.*`` copies of the UNet weights, as full training checkpoints do."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from workers.diffusion.single_file import diffusers_to_ldm
+
+    folder, file = Path(folder), Path(file)
+    unet = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    vae = load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
+    text = load_file(str(folder / "text_encoder" / "model.safetensors"))
+    layers = json.loads((folder / "unet" / "config.json").read_text())["layers_per_block"]
+    state = diffusers_to_ldm(unet, vae, text, layers_per_block=layers)
+    if ema:
+        state.update({f"model_ema.{k[len('model.diffusion_model.'):].replace('.', '')}": v.clone()
+                      for k, v in state.items() if k.startswith("model.diffusion_model.")})
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.contiguous() for k, v in state.items()}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(file), metadata={"format": "pt"})
+    return file
