@@ -95,7 +95,7 @@ def test_flower_shows_failures_progress_and_workers(make_farm_env, artifacts) ->
         env.start_worker("flower")
         broken.wait(timeout=180)
         assert broken.status().counts["failed"] == 1
-        slow = farm.submit_many([{"prompt": "a slow green square", "steps": 400, "width": 64, "height": 64}])
+        slow = farm.submit_many([{"prompt": "a slow green square", "steps": 150, "num_images": 6, "width": 64, "height": 64}])
 
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
@@ -121,7 +121,7 @@ def test_flower_shows_failures_progress_and_workers(make_farm_env, artifacts) ->
             while True:
                 page.goto(f"{base}/task/{running_task}")
                 body = page.inner_text("body")
-                if "step " in body and "/400" in body:
+                if "step " in body and "/150" in body:
                     break
                 assert time.monotonic() < deadline, body[:3000]
                 time.sleep(1)
