@@ -128,7 +128,7 @@ class Plan:
                        poison=20, poison_bursts=4, redis_restarts=2, redis_down_s=5, s3_stall_s=90, s3_refuse_s=60,
                        pg_cut_s=120, sigterm_groups=1, outage_gap_s=20, max_gap_s=90, blip_max_gap_s=45,
                        budget_s=3600, lease_s=10)
-        for name in ("images", "workers", "steps", "budget_s", "lease_s"):
+        for name in ("images", "workers", "steps", "budget_s", "lease_s", "poison", "kills"):
             value = getattr(args, name, None)
             if value is not None:
                 setattr(plan, name, value)
@@ -1247,6 +1247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", dest="budget_s", type=float, default=None,
                         help="seconds for the whole run; the drain deadline is what is left of it (default 3600; --short 480)")
     parser.add_argument("--lease", dest="lease_s", type=float, default=None, help="FARM_CLAIM_LEASE_SECONDS (default 10)")
+    parser.add_argument("--poison", type=int, default=None, help="poison messages (default 20; --short 5)")
+    parser.add_argument("--kills", type=int, default=None, help="worker SIGKILLs (default 20; --short 5)")
     parser.add_argument("--model", default="shapes", help="'shapes' (shipped, default), 'tiny' (built), or a model folder")
     parser.add_argument("--no-faults", action="store_true", help="the same run without any fault (a baseline)")
     parser.add_argument("--artifacts", type=Path, default=None,

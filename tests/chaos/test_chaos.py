@@ -46,5 +46,7 @@ def test_short_chaos_campaign_loses_nothing_and_duplicates_nothing(tmp_path):
     assert result["duplicate_results"] == 0, f"an image recorded more than once: {summary} {where}"
     assert result["duplicate_objects"] == 0, f"more objects than succeeded images: {summary} {where}"
     assert result["manual_steps"] == 0, f"the harness had to step in: {result['unexpected_supervisor_exits']} {where}"
+    # a poison message still queued or unacked is one that the next worker start meets again
+    assert result["poison"]["left_in_queues_or_unacked"] == 0, f"poison not dealt with: {result['poison']} {where}"
     assert result["verdict"] == "pass", summary
     assert run.returncode == 0
