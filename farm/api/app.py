@@ -249,8 +249,15 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
                 jobs.submit, state.farm, request, who, kind=kind, callback_url=callback_url, echo=echo
             )
 
+    known = set(Img2Img.model_fields) | set(_ECHOED)
+
     def echo_of(payload: dict) -> dict:
-        shown = {k: v for k, v in payload.items() if k not in ("init_images", "mask", "callback_url")}
+        """The request as A1111 answers it in ``parameters``: its known fields (images left out)."""
+        shown = {k: v for k, v in payload.items() if k in known and k not in ("init_images", "mask", "callback_url")}
+        if isinstance(shown.get("override_settings"), dict):
+            shown["override_settings"] = {
+                k: v for k, v in shown["override_settings"].items() if k in ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
+            }
         if "init_images" in payload:
             shown["init_images"] = None
             shown["mask"] = None
@@ -348,8 +355,8 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
         data = a1111.decode_image(body.image, "image")
         try:
             parameters, spec = read_png_metadata(data)
-        except ValueError as exc:
-            raise ValidationError("image", f"{len(data)} bytes", str(exc).split(":")[0]) from None
+        except Exception as exc:  # noqa: BLE001 - not a PNG, a bomb, a bad chunk: the caller's input
+            raise ValidationError("image", f"{len(data)} bytes", _line(str(exc)).split(":")[0] or "is not a readable PNG") from None
         items = {"farm": spec} if spec is not None else {}
         return {"info": parameters or "", "items": items, "parameters": a1111.parse_infotext(parameters) if parameters else {}}
 
@@ -471,6 +478,11 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
         return JSONResponse(status_code=status, content={"error": type(exc).__name__, "detail": _line(str(exc))})
 
     return app
+
+
+#: Payload fields echoed back in ``parameters`` besides the declared ones (A1111's own names).
+_ECHOED = ("denoising_strength", "styles", "subseed", "subseed_strength", "restore_faces", "tiling", "eta",
+           "disable_extra_networks", "inpaint_full_res", "inpainting_fill", "save_images")
 
 
 class _Http(Exception):

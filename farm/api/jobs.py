@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from datetime import datetime
 from typing import Any, Mapping
 
@@ -49,12 +50,17 @@ def submit(farm, request: Mapping[str, Any], caller: Caller, *, kind: str, callb
     return submission.id
 
 
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def owned(farm, submission_id: str, caller: Caller) -> ApiJobRecord:
     """The caller's job ``submission_id``; NotFound for anyone else's (same answer as a missing one)."""
+    if not isinstance(submission_id, str) or not _UUID.fullmatch(submission_id):
+        raise NotFound(f"no job {shown(submission_id)!r}: job ids are UUIDs")
     with farm.sessions() as session:
-        job = session.get(ApiJobRecord, str(submission_id)[:64])
+        job = session.get(ApiJobRecord, submission_id)
     if job is None or job.key_id != caller.id:
-        raise NotFound(f"no job {str(submission_id)[:64]!r}")
+        raise NotFound(f"no job {submission_id!r}")
     return job
 
 

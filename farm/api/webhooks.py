@@ -102,16 +102,16 @@ class WebhookSender:
             job = session.get(ApiJobRecord, job_id)
             if job is None or job.webhook_state != "pending" or (job.webhook_next_at and job.webhook_next_at > now):
                 return None
+            attempt = job.webhook_attempts + 1
             # claim: push its next attempt past this one's timeout (another process skips it)
             claimed = session.execute(
                 update(ApiJobRecord)
-                .where(ApiJobRecord.submission_id == job_id, ApiJobRecord.webhook_attempts == job.webhook_attempts)
-                .values(webhook_next_at=now + timedelta(seconds=settings.webhook_timeout * 2 + 5),
-                        webhook_attempts=job.webhook_attempts + 1)
+                .where(ApiJobRecord.submission_id == job_id, ApiJobRecord.webhook_attempts == attempt - 1)
+                .values(webhook_next_at=now + timedelta(seconds=settings.webhook_timeout * 2 + 5), webhook_attempts=attempt)
+                .execution_options(synchronize_session=False)
             ).rowcount
             if not claimed:
                 return None
-            attempt = job.webhook_attempts + 1
             secret = session.scalar(select(ApiKeyRecord.webhook_secret).where(ApiKeyRecord.id == job.key_id)) or ""
             url = job.callback_url
         with self._farm.sessions() as session:
