@@ -159,10 +159,11 @@ def test_single_file_renders_like_the_folder_offline_and_cached(files, tmp_path:
         raise AssertionError("converted again")
 
     monkeypatch.setattr(single_file, "_convert", no_conversion)
+    monkeypatch.setattr(single_file, "file_sha256", no_conversion)  # a restarted worker reads the hash from disk
     started = time.perf_counter()
     again = load_pipeline("sf", location, models_dir=tmp_path, device="cpu")
     cached = time.perf_counter() - started
-    assert again.path == from_file.path and np.array_equal(_image(again, make_spec), _image(from_folder, make_spec))
+    assert again.path == from_file.path and again.hash == from_file.hash and np.array_equal(_image(again, make_spec), _image(from_folder, make_spec))
     assert no_sockets == []
     print(f"single-file load: cold {cold:.2f} s, cached {cached:.2f} s")
 
@@ -244,3 +245,56 @@ def test_pickles_and_fakes_are_refused(tmp_path: Path) -> None:
         load_pipeline("m", str(fake), models_dir=tmp_path, device="cpu")
     with pytest.raises(ModelLoadError, match="unknown location option"):
         load_pipeline("m", f"{fake};colour=red", models_dir=tmp_path, device="cpu")
+
+
+# -- the full-size SD1.5 architecture (random weights) ----------------------------------------------
+
+
+def _random_sd15_checkpoint(path: Path, variant: str) -> Path:
+    """An SD1.5-architecture LDM checkpoint with random weights (fp16, ~2 GB), from the shipped configs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = SD1_CONFIGS / variant
+    gen = torch.Generator().manual_seed(0)
+
+    def randomised(model):
+        model = model.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.fill_(1.0 if name.endswith("weight") else 0.0)
+                else:
+                    param.normal_(0.0, 0.02, generator=gen)
+        return {k: v.to(torch.float16) for k, v in model.state_dict().items()}
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder"))
+    state = diffusers_to_ldm(randomised(unet), randomised(vae), randomised(text), layers_per_block=2)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_full_size_sd15_single_file_renders_one_step(tmp_path: Path, make_spec, no_sockets) -> None:
+    """The SD1.5 architecture as one file, converted with the SHIPPED configs and the real tokenizer
+    (no config= option), cached, and rendered for one step at 64×64."""
+    path = _random_sd15_checkpoint(tmp_path / "sd15-random.safetensors", "v1")
+    info = inspect_checkpoint(path)
+    assert (info.layout, info.in_channels, info.dtype, info.is_sd1_sized) == ("ldm", 4, "F16", True)
+    started = time.perf_counter()
+    model = load_pipeline("sd15", str(path), models_dir=tmp_path, device="cpu")
+    cold = time.perf_counter() - started
+    assert model.pipe.unet.config.block_out_channels == [320, 640, 1280, 1280]
+    assert model.pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    spec = make_spec(model="sd15", steps=1, width=64, height=64)
+    result = render_batch(model, [spec], base_scheduler_config=model.scheduler_config)
+    assert result.images[0].image.size == (64, 64)
+    del model
+    started = time.perf_counter()
+    load_pipeline("sd15", str(path), models_dir=tmp_path, device="cpu")
+    cached = time.perf_counter() - started
+    assert no_sockets == []
+    print(f"SD1.5-size single file ({path.stat().st_size / 1e9:.2f} GB fp16): cold {cold:.1f} s, cached {cached:.1f} s")

@@ -30,7 +30,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from farm.errors import ModelLoadError
-from farm.catalogue import BUILTINS, ModelLocation, autov2_hash, locate
+from farm.catalogue import BUILTINS, ModelLocation, locate
 from workers.diffusion.tiny import make_tiny
 
 #: Components whose weights are checked before loading.
@@ -266,7 +266,12 @@ def load_pipeline(
     except Exception as exc:
         raise ModelLoadError(f"model {name!r}: cannot apply speed options {dict(speed or {})}: {type(exc).__name__}: {exc}") from exc
     # A single file's hash is A1111's (AutoV2 of the file), so images match what A1111/Civitai show.
-    short_hash = autov2_hash(found.path) if found.kind == "single_file" else model_hash(path)
+    if found.kind == "single_file":
+        from workers.diffusion.single_file import known_sha256
+
+        short_hash = known_sha256(found.path, Path(models_dir))[:10]
+    else:
+        short_hash = model_hash(path)
     return LoadedModel(
         name=name, path=path, hash=short_hash, pipe=pipe, device=device, dtype=dtype, speed=options.as_dict()
     )
