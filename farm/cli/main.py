@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from farm.cli.api import api, api_key
 from farm.cli.campaign import campaign
 from farm.cli.plugins import PluginGroup
 from farm.cli.common import EXIT_FAILED, FarmCommands, load_settings, open_farm
@@ -229,6 +230,8 @@ main.add_command(dead_letters)
 main.add_command(top)
 main.add_command(exporter)
 main.add_command(flower)
+main.add_command(api)
+main.add_command(api_key)
 
 
 @main.group()
