@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import math
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any
 
@@ -176,10 +176,30 @@ def _parsed(text: str) -> list[dict[str, Any]] | None:
     return prompt_syntax.describe(text) if text and prompt_syntax.has_syntax(text) else None
 
 
-@dataclass
 class CheckedRequest:
-    request: GenerationRequest
-    images: list[ImageSpec] = field(default_factory=list)
+    """A checked request: ``images`` (one ImageSpec per image) and ``request`` (what was asked, with
+    every default filled in; built when first read: the submit path reads only ``images``)."""
+
+    __slots__ = ("images", "_request", "_filled")
+
+    def __init__(self, request: GenerationRequest, images: list[ImageSpec] | None = None, *, filled: dict | None = None):
+        self._request = request
+        self.images = [] if images is None else images
+        self._filled = filled  # the defaults to fill into ``request`` when it is read
+
+    @property
+    def request(self) -> GenerationRequest:
+        if self._filled is not None:
+            filled = GenerationRequest.__new__(GenerationRequest)
+            filled.__dict__.update(self._request.__dict__, **self._filled)
+            self._request, self._filled = filled, None
+        return self._request
+
+    def __repr__(self) -> str:
+        return f"CheckedRequest(request={self.request!r}, images={self.images!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CheckedRequest) and (self.request, self.images) == (other.request, other.images)
 
 
 def _int(name: str, value: Any, lo: int, hi: int, index: int | None) -> int:
@@ -216,8 +236,7 @@ def _text(name: str, value: Any, max_chars: int, index: int | None) -> str:
     return value
 
 
-def _size(name: str, value: Any, settings: Settings, index: int | None) -> int:
-    lo, hi = settings.limits.min_size, settings.limits.max_size
+def _size(name: str, value: Any, lo: int, hi: int, index: int | None) -> int:
     value = _int(name, value, lo, hi, index)
     if value % 8:
         raise ValidationError(
@@ -279,8 +298,8 @@ def check_request(
     steps = _int("steps", steps, limits.min_steps, limits.max_steps, index)
     guidance = _number("guidance_scale", guidance, limits.min_guidance_scale, limits.max_guidance_scale, index)
 
-    width = _size("width", width, settings, index)
-    height = _size("height", height, settings, index)
+    width = _size("width", width, limits.min_size, limits.max_size, index)
+    height = _size("height", height, limits.min_size, limits.max_size, index)
     if width * height > limits.max_pixels:
         raise ValidationError(
             "width×height", f"{width}×{height}", f"must be at most {limits.max_pixels} pixels", index=index
@@ -298,23 +317,43 @@ def check_request(
         _check_prompt_syntax(prompt, "prompt", index)
     if not is_plain(negative):
         _check_prompt_syntax(negative, "negative_prompt", index)
-    seeds = _seeds(request, limits.max_num_images, index)
+    seed = request.seed
+    if (
+        seed.__class__ is int and 0 <= seed <= MAX_SEED and request.seeds is None and request.num_images is None
+    ):  # the usual row: one image, its seed given (what _seeds would return, without the detour)
+        seeds = (seed,)
+    else:
+        seeds = _seeds(request, limits.max_num_images, index)
+    c = conditioning or _TXT2IMG_VALUES
+    # every ImageSpec field, in field order (ImageSpec.params relies on it)
     values = {
-        **_SPEC_DEFAULTS, "prompt": prompt, "negative_prompt": negative, "steps": steps, "guidance_scale": guidance,
+        "prompt": prompt, "negative_prompt": negative, "seed": seeds[0], "steps": steps, "guidance_scale": guidance,
         "width": width, "height": height, "scheduler": scheduler, "model": model, "request_index": index or 0,
-        "clip_skip": clip_skip, "loras": inputs.loras, **conditioning,
+        "mode": c["mode"], "init_image_key": c["init_image_key"], "mask_key": c["mask_key"], "strength": c["strength"],
+        "resize_mode": c["resize_mode"], "mask_blur": c["mask_blur"], "paste_back": c["paste_back"],
+        "clip_skip": clip_skip, "loras": inputs.loras,
     }
-    images = [ImageSpec._of({**values, "seed": seed}) for seed in seeds]
-    filled = GenerationRequest.__new__(GenerationRequest)
-    filled.__dict__.update(
-        request.__dict__, width=width, height=height, steps=steps, guidance_scale=guidance, scheduler=scheduler
+    images = [ImageSpec._of(values)]
+    for seed in seeds[1:]:
+        images.append(ImageSpec._of({**values, "seed": seed}))
+    return CheckedRequest(
+        request, images,
+        filled={"width": width, "height": height, "steps": steps, "guidance_scale": guidance, "scheduler": scheduler},
     )
-    return CheckedRequest(request=filled, images=images)
 
 
 _NO_INPUTS = PreparedInputs()
 #: A plain text-to-image request's conditioning: nothing (ImageSpec's defaults). Never mutated.
 _TXT2IMG: dict[str, Any] = {}
+_TXT2IMG_VALUES = {
+    "mode": "txt2img", "init_image_key": None, "mask_key": None, "strength": None, "resize_mode": "resize",
+    "mask_blur": 0, "paste_back": False,
+}
+assert list(_SPEC_DEFAULTS) == [
+    "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler", "model",
+    "request_index", *_TXT2IMG_VALUES, "clip_skip", "loras",
+], "check_request builds ImageSpec values in field order: update it with the fields"
+assert all(_SPEC_DEFAULTS[k] == v for k, v in _TXT2IMG_VALUES.items()), "txt2img values are ImageSpec's defaults"
 
 
 def _seeds(request: GenerationRequest, max_images: int, index: int | None) -> list[int]:

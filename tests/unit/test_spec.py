@@ -345,3 +345,32 @@ def test_the_parsed_form_of_weighted_prompts_is_recorded(settings: Settings) -> 
     (plain,) = check_request(_request(prompt="a red cube"), settings).images
     assert "prompt_parsed" not in plain.recorded()
     assert ImageSpec.from_params(recorded) == image  # the worker reads the spec back, extras ignored
+
+
+# -- the fast construction keeps what the dataclass would give ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({}, id="defaults"),
+        pytest.param({"seed": 7}, id="one-seed"),
+        pytest.param({"seed": 7, "num_images": 3}, id="seed-and-count"),
+        pytest.param({"seeds": [5, 1, 5]}, id="seeds"),
+        pytest.param({"num_images": 2, "steps": 9, "guidance_scale": 3, "width": 64, "height": 128}, id="drawn-seeds"),
+    ],
+)
+def test_specs_are_what_the_dataclass_would_build(settings: Settings, fields: dict[str, Any]) -> None:
+    checked = check_request(_request(**fields), settings)
+    for image in checked.images:
+        rebuilt = ImageSpec(**dataclasses.asdict(image))
+        assert image == rebuilt and hash(image) == hash(rebuilt)
+        assert list(image.params()) == [f.name for f in dataclasses.fields(ImageSpec)]
+        assert image.params() == dataclasses.asdict(image)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            image.seed = 1  # type: ignore[misc]
+    # the checked request carries every default filled in, the caller's own object untouched
+    given = GenerationRequest(prompt="x", **fields)
+    filled = check_request(given, settings).request
+    assert (filled.steps, filled.scheduler) == (fields.get("steps", 25), "dpmpp_2m") and given.steps == fields.get("steps")
+    assert isinstance(filled.guidance_scale, float) and filled.width == fields.get("width", 512)
