@@ -88,6 +88,10 @@ class HarnessError(Exception):
     """The harness itself could not do its part (setup, a fault it could not apply or verify)."""
 
 
+class NoTargetOutage(Exception):
+    """An outage that found nothing to act on (e.g. no connection open to strand): not applied."""
+
+
 class NoTarget(Exception):
     """No process of the farm to hit right now (all restarting): the fault is tried again shortly."""
 
@@ -115,6 +119,7 @@ class Plan:
     blip_max_gap_s: float
     budget_s: float  # whole run, setup to JSON
     lease_s: float
+    strand_s: float = 0.0  # --extra: PostgreSQL's and S3's open connections silent this long, then reset
 
     @classmethod
     def for_args(cls, args: argparse.Namespace) -> "Plan":
@@ -132,9 +137,13 @@ class Plan:
             value = getattr(args, name, None)
             if value is not None:
                 setattr(plan, name, value)
+        if args.extra:
+            plan.strand_s = 60 if args.short else 120
+            if args.budget_s is None:
+                plan.budget_s += 2 * plan.strand_s + 2 * plan.outage_gap_s
         if args.no_faults:
             plan.kills = plan.poison = plan.redis_restarts = plan.sigterm_groups = 0
-            plan.s3_stall_s = plan.s3_refuse_s = plan.pg_cut_s = 0
+            plan.s3_stall_s = plan.s3_refuse_s = plan.pg_cut_s = plan.strand_s = 0
             plan.submitter_requests = 0
         return plan
 
@@ -170,6 +179,9 @@ def build_schedule(plan: Plan) -> tuple[list[Fault], list[Fault]]:
         outages.append(Fault("pg_cut", 0.38, seconds=plan.pg_cut_s))
     if plan.s3_refuse_s:
         outages.append(Fault("s3_refuse", 0.62, seconds=plan.s3_refuse_s))
+    if plan.strand_s:
+        outages.append(Fault("pg_strand", 0.70, seconds=plan.strand_s))
+        outages.append(Fault("s3_strand", 0.85, seconds=plan.strand_s))
     outages.sort(key=lambda f: f.at_progress)
 
     blips: list[Fault] = []
@@ -771,6 +783,9 @@ class Chaos:
             if first_try:
                 log(f"fault {fault.kind}: no target now, postponed (tried again every 3 s)")
             raise
+        except NoTargetOutage as exc:
+            fault.applied = False
+            log(f"fault {fault.kind} found nothing to act on: {exc}")
         except HarnessError as exc:
             self.harness_errors.append(f"{fault.kind}: {exc}")
             log(f"HARNESS: fault {fault.kind} not applied: {exc}")
@@ -828,6 +843,28 @@ class Chaos:
         self.stack.s3_proxy.set_mode("pass")
         if not fault.verified:
             raise HarnessError("the S3 proxy still accepted connections while refusing")
+
+    def _strand(self, fault: Fault, proxy) -> None:
+        """Every connection open now goes silent for good (new ones work): only the farm's own
+        timeouts get it out; after ``seconds`` the harness resets what is still open."""
+        before = proxy.stats()
+        proxy.set_mode("strand")
+        stranded = proxy.stats()["stranded"] - before["stranded"]
+        fault.applied = True
+        fault.verified = stranded > 0
+        fault.detail["stranded"] = stranded
+        self._hold(fault.seconds)
+        after = proxy.stats()
+        fault.detail["closed_by_farm"] = after["stranded_closed_by_client"] - before["stranded_closed_by_client"]
+        fault.detail["still_hung_at_reset"] = proxy.release_stranded()
+        if not fault.verified:
+            raise NoTargetOutage(f"no open connection through the {proxy.name} proxy to strand")
+
+    def _outage_pg_strand(self, fault: Fault) -> None:
+        self._strand(fault, self.stack.pg_proxy)
+
+    def _outage_s3_strand(self, fault: Fault) -> None:
+        self._strand(fault, self.stack.s3_proxy)
 
     def _s3_answers(self, timeout: float) -> bool:
         import urllib.error
@@ -1250,6 +1287,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--poison", type=int, default=None, help="poison messages (default 20; --short 5)")
     parser.add_argument("--kills", type=int, default=None, help="worker SIGKILLs (default 20; --short 5)")
     parser.add_argument("--model", default="shapes", help="'shapes' (shipped, default), 'tiny' (built), or a model folder")
+    parser.add_argument("--extra", action="store_true",
+                        help="also strand PostgreSQL's and S3's open connections (silent, never reset) for 60 s "
+                             "(--short) or 120 s: do the farm's own timeouts get it out?")
     parser.add_argument("--no-faults", action="store_true", help="the same run without any fault (a baseline)")
     parser.add_argument("--artifacts", type=Path, default=None,
                         help="copy logs, the final image table and the fault timeline here")

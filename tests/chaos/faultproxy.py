@@ -15,6 +15,10 @@ Modes (``set_mode`` returns once the mode is in effect):
   listening socket is closed, so new connections are refused (ECONNREFUSED): a server that died.
 - ``refuse``: the listening socket is closed (ECONNREFUSED for new connections); connections
   already open keep working.
+- ``strand``: the connections open now go silent for good (no byte either way, no FIN, no RST: a
+  peer that vanished behind a NAT or a failed-over address), while new connections work normally.
+  Only a client's own timeouts or keepalives get it out; ``release_stranded()`` finally resets them
+  (what the kernel would do hours later). The mode itself stays ``pass`` for new connections.
 
 Counters (``stats()``): connections accepted, reset by ``cut``, bytes each way, mode changes.
 """
@@ -28,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-MODES = ("pass", "stall", "cut", "refuse")
+MODES = ("pass", "stall", "cut", "refuse", "strand")
 
 __all__ = ["MODES", "FaultProxy", "free_port"]
 
@@ -68,6 +72,7 @@ class _Conn:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)
+    stranded: bool = False
 
 
 class FaultProxy:
@@ -86,7 +91,8 @@ class FaultProxy:
         self._flowing: asyncio.Event | None = None
         self._conns: set[_Conn] = set()
         self._stats = {"accepted": 0, "reset_by_cut": 0, "upstream_errors": 0, "bytes_up": 0, "bytes_down": 0,
-                       "listen_retries": 0}
+                       "listen_retries": 0, "stranded": 0, "stranded_closed_by_client": 0}
+        self._never: asyncio.Event | None = None  # never set: what a stranded connection waits on
         self.history: list[tuple[float, str]] = []
 
     # -- control (any thread) ---------------------------------------------------------------------
@@ -104,6 +110,7 @@ class FaultProxy:
             asyncio.set_event_loop(loop)
             self._flowing = asyncio.Event()
             self._flowing.set()
+            self._never = asyncio.Event()
             try:
                 loop.run_until_complete(self._listen())
             except BaseException as exc:  # noqa: BLE001 - reported to start()
@@ -131,7 +138,12 @@ class FaultProxy:
         self.history.append((time.time(), mode))
 
     def stats(self) -> dict:
-        return {**self._stats, "open": len(self._conns), "mode": self.mode}
+        stranded_open = sum(1 for c in list(self._conns) if c.stranded)
+        return {**self._stats, "open": len(self._conns), "stranded_open": stranded_open, "mode": self.mode}
+
+    def release_stranded(self, timeout: float = 30) -> int:
+        """Reset (RST) the stranded connections still open; returns how many."""
+        return asyncio.run_coroutine_threadsafe(self._release_stranded(), self._loop).result(timeout)
 
     def stop(self) -> None:
         if self._loop is None or not self._loop.is_running():
@@ -164,8 +176,16 @@ class FaultProxy:
             self._server = None
 
     async def _set_mode(self, mode: str) -> None:
-        if mode in ("pass", "stall") and self._server is None:
+        if mode in ("pass", "stall", "strand") and self._server is None:
             await self._listen()
+        if mode == "strand":
+            for conn in self._conns:
+                if not conn.stranded:
+                    conn.stranded = True
+                    self._stats["stranded"] += 1
+            self._flowing.set()
+            self.mode = "pass"  # new connections flow
+            return
         if mode == "pass":
             self._flowing.set()
         if mode == "stall":
@@ -182,6 +202,17 @@ class FaultProxy:
                     task.cancel()
             self._conns.clear()
         self.mode = mode
+
+    async def _release_stranded(self) -> int:
+        count = 0
+        for conn in [c for c in self._conns if c.stranded]:
+            _reset(conn.client)
+            _reset(conn.upstream)
+            for task in conn.tasks:
+                task.cancel()
+            self._conns.discard(conn)
+            count += 1
+        return count
 
     async def _shutdown(self) -> None:
         await self._unlisten()
@@ -211,8 +242,8 @@ class FaultProxy:
                 _reset(up_writer)
                 return
             conn.tasks = [
-                asyncio.ensure_future(self._pipe(reader, up_writer, "bytes_up")),
-                asyncio.ensure_future(self._pipe(up_reader, writer, "bytes_down")),
+                asyncio.ensure_future(self._pipe(reader, up_writer, "bytes_up", conn)),
+                asyncio.ensure_future(self._pipe(up_reader, writer, "bytes_down", conn)),
             ]
             await asyncio.wait(conn.tasks, return_when=asyncio.FIRST_COMPLETED)
         except (asyncio.CancelledError, ConnectionError, OSError):
@@ -229,19 +260,33 @@ class FaultProxy:
                         except Exception:  # noqa: BLE001
                             pass
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counter: str) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counter: str,
+                    conn: _Conn) -> None:
         try:
             while True:
                 await self._flowing.wait()
+                if conn.stranded:
+                    await self._stranded(reader, counter == "bytes_up")
                 data = await reader.read(65536)
                 if not data:
                     break
                 await self._flowing.wait()  # a stall that began during the read holds this chunk too
+                if conn.stranded:
+                    await self._stranded(reader, counter == "bytes_up")
                 writer.write(data)
                 await writer.drain()
                 self._stats[counter] += len(data)
         except (ConnectionError, OSError, asyncio.CancelledError):
             pass
+
+    async def _stranded(self, reader: asyncio.StreamReader, from_client: bool) -> None:
+        """Forward nothing, ever: what arrives is read and dropped (so that a close is seen); the
+        connection ends when released or closed by either side."""
+        while True:
+            if not await reader.read(65536):
+                if from_client:
+                    self._stats["stranded_closed_by_client"] += 1
+                raise ConnectionResetError("stranded connection closed")
 
 
 if __name__ == "__main__":  # a manual proxy: python faultproxy.py TARGET_PORT [LISTEN_PORT]

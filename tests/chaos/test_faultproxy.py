@@ -101,3 +101,25 @@ def test_refuse_keeps_open_connections(proxy):
     proxy.set_mode("pass")
     with _connect(proxy) as sock:
         assert _echo(sock, b"ok") == b"ok"
+
+
+def test_strand_silences_open_connections_for_good_and_lets_new_ones_through(proxy):
+    old = _connect(proxy)
+    assert _echo(old, b"before") == b"before"
+    proxy.set_mode("strand")
+    old.sendall(b"lost")
+    old.settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        old.recv(10)
+    with _connect(proxy) as new:
+        assert _echo(new, b"new") == b"new"
+    proxy.set_mode("pass")  # healing the network does not bring a stranded connection back
+    with pytest.raises(socket.timeout):
+        old.recv(10)
+    assert proxy.stats()["stranded_open"] == 1
+    assert proxy.release_stranded() == 1
+    old.settimeout(2)
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        if old.recv(10) == b"":
+            raise ConnectionResetError("closed")
+    old.close()
