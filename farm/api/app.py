@@ -29,6 +29,7 @@ __all__ = ["create_app"]
 
 log = logging.getLogger("farm.api")
 _KEY_CACHE_SECONDS = 5.0
+_KEY_CACHE_MAX = 10_000
 
 
 # -- request bodies (A1111's field names; unknown fields are accepted and ignored) ----------------
@@ -222,6 +223,8 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
         now = time.monotonic()
         if cached is None or cached[0] < now:
             found = await run_in_threadpool(keys.lookup, state.farm.sessions, key)
+            if len(state.key_cache) >= _KEY_CACHE_MAX:  # bounded: made-up keys cannot grow it
+                state.key_cache.clear()
             state.key_cache[digest] = cached = (now + _KEY_CACHE_SECONDS, found)
         who = cached[1]
         if who is None:

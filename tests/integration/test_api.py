@@ -207,4 +207,8 @@ def test_schemathesis_finds_no_server_error(served) -> None:
     )
     elapsed = time.monotonic() - started
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    print(f"schemathesis: {elapsed:.1f} s")
+    import re
+
+    generated = int(re.search(r"(\d+) generated", run.stdout).group(1))
+    assert generated >= 100, run.stdout[-3000:]
+    print(f"schemathesis: {generated} cases in {elapsed:.1f} s")

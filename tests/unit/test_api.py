@@ -253,3 +253,10 @@ def test_the_cli_makes_lists_and_revokes_keys(farm_settings) -> None:
     assert "ci" in listed and "rate 5/s" in listed and key not in listed and "active" in listed
     assert runner.invoke(api_key, ["revoke", "ci"]).exit_code == 0
     assert "revoked" in runner.invoke(api_key, ["list"]).output
+
+
+def test_lora_tags_in_a1111_prompts_resolve_against_the_registry(api) -> None:
+    client, farm = api
+    answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a cube <lora:nope:0.5>", "width": 64, "height": 64},
+                         headers=_key(farm, "k"))
+    assert answer.status_code == 422 and answer.json()["field"] == "loras[0]" and "nope" in answer.json()["detail"]
