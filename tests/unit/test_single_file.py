@@ -298,3 +298,22 @@ def test_full_size_sd15_single_file_renders_one_step(tmp_path: Path, make_spec, 
     cached = time.perf_counter() - started
     assert no_sockets == []
     print(f"SD1.5-size single file ({path.stat().st_size / 1e9:.2f} GB fp16): cold {cold:.1f} s, cached {cached:.1f} s")
+
+
+def test_shipped_sd1_config_folders(tmp_path: Path) -> None:
+    """farm/data/sd1 holds SD1.5's published architecture; config_folder() completes it with the real
+    tokenizer once (a second call reuses it)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    for variant, channels in (("txt2img", 4), ("inpainting", 9)):
+        folder = single_file.config_folder(variant, tmp_path)
+        assert single_file.config_folder(variant, tmp_path) == folder
+        unet = UNet2DConditionModel.load_config(folder / "unet")
+        assert (unet["in_channels"], unet["cross_attention_dim"], unet["block_out_channels"]) == (channels, 768, [320, 640, 1280, 1280])
+        assert AutoencoderKL.load_config(folder / "vae")["scaling_factor"] == 0.18215
+        assert json.loads((folder / "text_encoder" / "config.json").read_text())["vocab_size"] == 49408
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+        assert tokenizer.pad_token_id == 49407 and tokenizer.model_max_length == 77
+        assert (folder / "feature_extractor" / "preprocessor_config.json").is_file()
