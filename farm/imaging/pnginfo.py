@@ -13,6 +13,11 @@ Karras variants are written the A1111 ≥ 1.9 way (``Sampler: DPM++ 2M, Schedule
 sd-parsers reads that as sampler ``DPM++ 2M`` with parameter ``scheduler="Karras"``, which keeps
 the sampler name comparable across schedules. Values holding ``,``, ``:`` or a newline are JSON-quoted,
 as A1111's ``quote()`` does.
+
+``Model hash`` is the worker's ``LoadedModel.hash``: for a single ``.safetensors`` checkpoint it is
+A1111's own AutoV2 hash (first 10 hex digits of the file's sha256, what A1111 and Civitai show), so
+readers can find the exact checkpoint; for a diffusers folder it is the same digest of ``unet/``'s
+weights (there is no A1111 file to match).
 """
 
 from __future__ import annotations
