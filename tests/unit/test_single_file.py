@@ -206,7 +206,40 @@ def test_vae_override_changes_the_image(files, tmp_path: Path, make_spec, no_soc
     assert not np.array_equal(_image(base, make_spec), _image(swapped, make_spec))
     folder_vae = load_pipeline("f", f"{files['folder']};vae={files['other_vae_folder']}", models_dir=tmp_path, device="cpu")
     assert np.array_equal(_image(folder_vae, make_spec), _image(swapped, make_spec))
+    whole = export_ldm(files["other_vae_folder"], tmp_path / "other-whole.safetensors")  # its first_stage_model.*
+    from_whole = load_pipeline("f", f"{files['folder']};vae={whole}", models_dir=tmp_path, device="cpu")
+    assert all(torch.equal(from_whole.pipe.vae.state_dict()[k], v) for k, v in other.items())
+    with pytest.raises(ModelLoadError, match="holds no VAE weights|does not fit"):
+        load_pipeline("f", f"{files['folder']};vae={files['folder'] / 'unet' / 'diffusion_pytorch_model.safetensors'}",
+                      models_dir=tmp_path, device="cpu")
     assert no_sockets == []
+
+
+def test_concurrent_loads_convert_once(files, tmp_path: Path, monkeypatch) -> None:
+    """Workers starting together: one converts under the lock, the others wait and reuse its folder."""
+    import threading
+
+    calls = []
+    real = single_file._convert
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.5)  # hold the lock a while
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(single_file, "_convert", counting)
+    results: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(
+            single_file.converted_folder("sf", files["ldm"], tmp_path, config=files["folder"])))
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(set(results)) == 1 and (results[0] / ".complete").is_file()
+    assert [p.name for p in (tmp_path / "single-file").iterdir() if p.name.startswith(".")] == []  # no leftovers
 
 
 # -- refusals ---------------------------------------------------------------------------------------
