@@ -119,7 +119,7 @@ class Plan:
     blip_max_gap_s: float
     budget_s: float  # whole run, setup to JSON
     lease_s: float
-    strand_s: float = 0.0  # --extra: PostgreSQL's and S3's open connections silent this long, then reset
+    strand_s: float = 0.0  # --extra: PostgreSQL's open connections silent this long, then reset
 
     @classmethod
     def for_args(cls, args: argparse.Namespace) -> "Plan":
@@ -140,7 +140,7 @@ class Plan:
         if args.extra:
             plan.strand_s = 60 if args.short else 120
             if args.budget_s is None:
-                plan.budget_s += 2 * plan.strand_s + 2 * plan.outage_gap_s
+                plan.budget_s += plan.strand_s + plan.outage_gap_s + 60
         if args.no_faults:
             plan.kills = plan.poison = plan.redis_restarts = plan.sigterm_groups = 0
             plan.s3_stall_s = plan.s3_refuse_s = plan.pg_cut_s = plan.strand_s = 0
@@ -179,9 +179,8 @@ def build_schedule(plan: Plan) -> tuple[list[Fault], list[Fault]]:
         outages.append(Fault("pg_cut", 0.38, seconds=plan.pg_cut_s))
     if plan.s3_refuse_s:
         outages.append(Fault("s3_refuse", 0.62, seconds=plan.s3_refuse_s))
-    if plan.strand_s:
-        outages.append(Fault("pg_strand", 0.70, seconds=plan.strand_s))
-        outages.append(Fault("s3_strand", 0.85, seconds=plan.strand_s))
+    if plan.strand_s:  # between the PostgreSQL cut and the S3 refusal, while there is work
+        outages.append(Fault("pg_strand", 0.45, seconds=plan.strand_s))
     outages.sort(key=lambda f: f.at_progress)
 
     blips: list[Fault] = []
@@ -863,9 +862,6 @@ class Chaos:
     def _outage_pg_strand(self, fault: Fault) -> None:
         self._strand(fault, self.stack.pg_proxy)
 
-    def _outage_s3_strand(self, fault: Fault) -> None:
-        self._strand(fault, self.stack.s3_proxy)
-
     def _s3_answers(self, timeout: float) -> bool:
         import urllib.error
         import urllib.request
@@ -1185,8 +1181,9 @@ def stalls(successes: list[float], t0: float, chaos: "Chaos", end: float | None 
     ``end``: when the run stopped waiting (a stretch still open then is counted up to it)."""
     faults = [f for f in [*chaos.outages, *chaos.done_blips] if f.started]
     out = []
-    ends = [*successes, end] if end and (not successes or end > successes[-1]) else successes
-    for before, after in zip([t0, *successes], ends):
+    # from the first image on (before it, the workers load their model and render a first batch)
+    ends = [*successes[1:], end] if end and successes and end > successes[-1] else successes[1:]
+    for before, after in zip(successes, ends):
         if after - before > threshold:
             during = sorted({f.kind for f in faults if f.started <= after and (f.ended or after) >= before - 1})
             out.append({"from_s": round(before - t0, 1), "seconds": round(after - before, 1), "faults": during})
@@ -1288,8 +1285,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kills", type=int, default=None, help="worker SIGKILLs (default 20; --short 5)")
     parser.add_argument("--model", default="shapes", help="'shapes' (shipped, default), 'tiny' (built), or a model folder")
     parser.add_argument("--extra", action="store_true",
-                        help="also strand PostgreSQL's and S3's open connections (silent, never reset) for 60 s "
-                             "(--short) or 120 s: do the farm's own timeouts get it out?")
+                        help="also strand PostgreSQL's open connections (silent, never reset; new ones work) for "
+                             "60 s (--short) or 120 s: do the farm's own timeouts get it out?")
     parser.add_argument("--no-faults", action="store_true", help="the same run without any fault (a baseline)")
     parser.add_argument("--artifacts", type=Path, default=None,
                         help="copy logs, the final image table and the fault timeline here")
