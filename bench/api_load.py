@@ -71,6 +71,12 @@ async def _run(base: str, key: str, args) -> dict:
     limits = httpx.Limits(max_connections=args.requests + 10, max_keepalive_connections=args.requests + 10)
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=args.timeout,
                                  limits=limits) as client:
+        sequential = []
+        for i in range(args.sequential):
+            started = time.perf_counter()
+            answer = await client.post("/v1/jobs", json={**body, "model": "tiny", "seed": 10_000 + i})
+            sequential.append(time.perf_counter() - started)
+            await client.delete(f"/v1/jobs/{answer.json()['id']}")
         accept_times, accept_bad, accept_wall, answers = await _fire(client, args.requests, "POST", "/v1/jobs",
                                                                      {**body, "model": "tiny"})
         await asyncio.gather(*(client.delete(f"/v1/jobs/{a.json()['id']}") for a in answers if a.status_code == 201))
@@ -78,7 +84,7 @@ async def _run(base: str, key: str, args) -> dict:
             client, args.requests, "POST", "/sdapi/v1/txt2img", {**body, "sampler_name": "DPM++ 2M"})
         images = sum(len(a.json().get("images", [])) for a in answers if a.status_code == 200)
     return {
-        "accept_s": _stats(accept_times), "accept_per_s": round(len(accept_times) / accept_wall, 1),
+        "accept_sequential_s": _stats(sequential), "accept_s": _stats(accept_times), "accept_per_s": round(len(accept_times) / accept_wall, 1),
         "accept_errors": len(accept_bad), "sync_s": _stats(sync_times), "sync_wall_s": round(sync_wall, 1),
         "sync_images": images, "sync_images_per_s": round(images / sync_wall, 2), "sync_errors": len(sync_bad),
         "error_examples": (accept_bad + sync_bad)[:3],
@@ -92,6 +98,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--sequential", type=int, default=20, help="accepts timed one at a time (API) and direct (Farm.submit_many)")
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -116,6 +123,13 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "farm", "db", "upgrade"], env=env, check=True, capture_output=True)
         with Farm(Settings(**{k[5:].lower(): v for k, v in env.items() if k.startswith("FARM_") and "__" not in k and not k.startswith("FARM_API_")})) as farm:
             _, key = keys.create(farm.sessions, "bench")
+            direct = []
+            for i in range(args.sequential + 1):  # the first one warms the connections up
+                started = time.perf_counter()
+                farm.submit_many([{"prompt": "a red cube", "steps": args.steps, "width": args.size, "height": args.size,
+                                   "seed": 20_000 + i}]).cancel()
+                direct.append(time.perf_counter() - started)
+            direct_submit = _stats(direct[1:])
         for i in range(args.workers):
             log = open(tmp / f"worker{i}.log", "wb")
             worker_env = {**env, "FARM_WORKER_METRICS_PORT": str(_port())}
@@ -144,7 +158,7 @@ def main() -> None:
         result = asyncio.run(_run(base, key, args))
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         print(json.dumps({"requests": args.requests, "workers": args.workers, "steps": args.steps, "size": args.size,
-                          "cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2), **result, "commit": commit}))
+                          "cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2), "direct_submit_and_cancel_s": direct_submit, **result, "commit": commit}))
     finally:
         for process in processes:
             if process.poll() is None:
