@@ -260,3 +260,12 @@ def test_lora_tags_in_a1111_prompts_resolve_against_the_registry(api) -> None:
     answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a cube <lora:nope:0.5>", "width": 64, "height": 64},
                          headers=_key(farm, "k"))
     assert answer.status_code == 422 and answer.json()["field"] == "loras[0]" and "nope" in answer.json()["detail"]
+
+
+def test_farm_api_refuses_no_auth_on_a_non_loopback_host(farm_settings) -> None:
+    from click.testing import CliRunner
+
+    from farm.cli.api import api
+
+    refused = CliRunner().invoke(api, ["--no-auth", "--host", "0.0.0.0"])
+    assert refused.exit_code == 2 and "loopback" in refused.output
