@@ -200,7 +200,7 @@ def test_schemathesis_finds_no_server_error(served) -> None:
     started = time.monotonic()
     run = subprocess.run(
         [str(Path(sys.executable).parent / "schemathesis"), "run", f"{base}/openapi.json", "--checks", "not_a_server_error",
-         "--max-examples", "8", "-H", f"Authorization: Bearer {keys['fuzz'][0]}", "--request-timeout", "60",
+         "--max-examples", "30", "-H", f"Authorization: Bearer {keys['fuzz'][0]}", "--request-timeout", "60",
          "--generation-deterministic", "--phases", "examples,fuzzing", "-w", "1",
          "--exclude-path-regex", "interrupt"],
         capture_output=True, text=True, timeout=240, env={**os.environ, "NO_COLOR": "1"},
@@ -210,5 +210,5 @@ def test_schemathesis_finds_no_server_error(served) -> None:
     import re
 
     generated = int(re.search(r"(\d+) generated", run.stdout).group(1))
-    assert generated >= 100, run.stdout[-3000:]
+    assert generated >= 300, run.stdout[-3000:]
     print(f"schemathesis: {generated} cases in {elapsed:.1f} s")
