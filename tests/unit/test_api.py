@@ -269,3 +269,64 @@ def test_farm_api_refuses_no_auth_on_a_non_loopback_host(farm_settings) -> None:
 
     refused = CliRunner().invoke(api, ["--no-auth", "--host", "0.0.0.0"])
     assert refused.exit_code == 2 and "loopback" in refused.output
+
+
+def test_webhooks_are_signed_retried_with_backoff_then_marked_failed(embedded_farm) -> None:
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from farm.api import jobs
+    from farm.api.webhooks import WebhookSender
+    from farm.db.tables import ApiJobRecord
+
+    farm = embedded_farm
+    record, _ = keys.create(farm.sessions, "hooks")
+    caller = keys.lookup(farm.sessions, _)
+    seen: list[tuple[dict, bytes]] = []
+    answers = [500, 503, 200]
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            seen.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(answers[len(seen) - 1])
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        job_id = jobs.submit(farm, JOB, caller, kind="job", callback_url=url)
+        sender = WebhookSender(farm, ApiSettings(webhook_attempts=3, webhook_backoff=0.2, webhook_timeout=5))
+        assert sender._due() == []  # not finished yet: nothing to announce
+        farm.submission(job_id).cancel()
+        assert sender._due() == [job_id]
+        assert sender.deliver(job_id) is False and sender.deliver(job_id) is None  # backing off
+        time.sleep(0.25)
+        assert sender.deliver(job_id) is False
+        time.sleep(0.45)
+        assert sender.deliver(job_id) is True and sender._due() == []
+        assert [h["X-Farm-Attempt"] for h, _ in seen] == ["1", "2", "3"]
+        assert {h["X-Farm-Idempotency-Key"] for h, _ in seen} == {f"{job_id}:finished"}
+        for headers, body in seen:
+            assert verify(record.webhook_secret, headers["X-Farm-Timestamp"], body, headers["X-Farm-Signature"])
+            assert json.loads(body)["job"]["status"] == "canceled"
+        with farm.sessions() as session:
+            assert session.get(ApiJobRecord, job_id).webhook_state == "delivered"
+        # a receiver that never accepts: failed after the attempts
+        answers[:] = [500] * 10
+        seen.clear()
+        other = jobs.submit(farm, JOB, caller, kind="job", callback_url=url)
+        farm.submission(other).cancel()
+        for _ in range(3):
+            assert sender.deliver(other) is False
+            with farm.sessions.begin() as session:
+                session.get(ApiJobRecord, other).webhook_next_at = None  # skip the wait
+        with farm.sessions() as session:
+            job = session.get(ApiJobRecord, other)
+        assert job.webhook_state == "failed" and job.webhook_attempts == 3 and "500" in job.webhook_error
+    finally:
+        server.shutdown()
