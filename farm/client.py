@@ -273,7 +273,10 @@ class Farm:
         reconciler every ``farm worker`` runs publishes it (``farm.reconciler``), so a refused publish
         is a logged warning, not an error.
         """
+        from farm.request.text import check_label
+
         settings = self.settings
+        label = check_label(label)
         intake = self.intake()
         specs: list[ImageSpec] = []
         count = 0

@@ -282,7 +282,6 @@ def test_a_bad_label_is_refused_by_the_cli(farm_cli, embedded_farm, label, says)
     nothing_written(embedded_farm)
 
 
-@pytest.mark.xfail(reason="farm/client.py (not this change's file): Farm.submit_many must call check_label(label)", strict=False)
 @pytest.mark.parametrize(("label", "says"), [c[1:] for c in LABELS], ids=[c[0] for c in LABELS])
 def test_a_bad_label_is_refused_by_the_client(embedded_farm, label, says) -> None:
     refused(lambda: embedded_farm.submit_many([{"prompt": "x"}], label=label), says)
