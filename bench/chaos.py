@@ -753,6 +753,7 @@ class Chaos:
         self.done_blips: list[Fault] = []
         self.blip_retry_at = 0.0
         self.control_id: str | None = None
+        self.redis_lock = threading.Lock()  # a poison burst and a Redis restart never interleave
 
     # the outage track (its own thread) --------------------------------------------------------
     def run_outages(self) -> None:
@@ -875,12 +876,19 @@ class Chaos:
             return False
 
     def _outage_redis_restart(self, fault: Fault) -> None:
+        with self.redis_lock:
+            self._redis_restart(fault)
+
+    def _redis_restart(self, fault: Fault) -> None:
         client = self.stack.redis_client()
         try:
             fault.detail["keys_before"] = client.dbsize()
             fault.detail["queued_before"] = self.queued_messages(client)
             # poison still in Redis now is wiped by the restart: it says nothing about the workers after it
-            fault.detail["poison_wiped"] = sum(poison_in_redis(self.stack, self).values())
+            # (dead letters are set aside already: their loss is counted apart)
+            where = poison_in_redis(self.stack, self)
+            fault.detail["poison_wiped"] = sum(n for k, n in where.items() if "dead" not in k.lower())
+            fault.detail["dead_letters_wiped"] = sum(n for k, n in where.items() if "dead" in k.lower())
         except Exception as exc:  # noqa: BLE001
             fault.detail["keys_before"] = f"? {exc}"
         sentinel = f"chaos:sentinel:{uuid.uuid4().hex}"
@@ -1043,6 +1051,19 @@ class Chaos:
         fault.detail.update(worker=sup.name, pids=[tree["worker"], *tree["children"]])
 
     def _blip_poison(self, fault: Fault) -> None:
+        # a Redis restart due before this burst goes first: it would wipe the poison before any
+        # worker met it (the burst is tried again every 3 s)
+        if any(o.kind == "redis_restart" and o.ended is None and o.at_progress <= fault.at_progress
+               for o in self.outages):
+            raise NoTarget("a Redis restart due before this burst has not run yet")
+        if not self.redis_lock.acquire(timeout=1):
+            raise NoTarget("Redis is being restarted")
+        try:
+            self._send_poison(fault)
+        finally:
+            self.redis_lock.release()
+
+    def _send_poison(self, fault: Fault) -> None:
         if self.template is None:
             self.template = envelope_template(self.stack)
         client = self.stack.redis_client()
@@ -1194,7 +1215,7 @@ def log_evidence(tmp: Path, workers: Workers) -> dict:
     patterns = {
         "unrecoverable_error": "Unrecoverable error",
         "worker_lost": "Task handler raised error: WorkerLostError",
-        "supervisor_restarts": "exited with",
+        "supervisor_restarts": "; restarting in",
         "tracebacks": "Traceback (most recent call last)",
         "lease_sweeps_requeued": "queued again",
         "lease_sweep_failed": "lease sweep failed",
@@ -1263,7 +1284,9 @@ def poison_leftovers(stack: Stack, chaos: "Chaos") -> dict:
         return {"left_in_queues_or_unacked": sum(n for k, n in where.items() if k in queues or k.startswith("unacked")),
                 "in_redis_by_key": where, "kinds_left": sorted(kinds), "other_messages_left": dict(others),
                 "wiped_by_redis_restart": sum(f.detail.get("poison_wiped", 0) or 0 for f in chaos.outages
-                                              if f.kind == "redis_restart")}
+                                              if f.kind == "redis_restart"),
+                "dead_letters_wiped_by_redis_restart": sum(f.detail.get("dead_letters_wiped", 0) or 0
+                                                           for f in chaos.outages if f.kind == "redis_restart")}
     except Exception as exc:  # noqa: BLE001
         return {"error": str(exc)}
 
@@ -1341,6 +1364,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"campaign {name}: {plan.images} images submitted in {output['campaign_submit_s']} s")
 
         chaos = Chaos(plan, stack, workers, progress, processes, rng)
+        if plan.poison:
+            chaos.template = envelope_template(stack)  # now, not in the middle of the faults
         chaos.outage_thread = threading.Thread(target=chaos.run_outages, name="outages", daemon=True)
         chaos.outage_thread.start()
         deadline = began + plan.budget_s - 60  # what is left for stopping the workers and measuring
