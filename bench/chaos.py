@@ -498,6 +498,7 @@ class Supervisor:
     process: subprocess.Popen | None = None
     expected_exit: bool = False  # the harness SIGTERMed its group (a unit stop)
     starts: int = 0
+    metrics_port: int = 0
 
 
 class Workers:
@@ -511,9 +512,14 @@ class Workers:
 
     def start(self, sup: Supervisor) -> None:
         with self.lock:
+            # its own metrics port on loopback: never the default 9809 that other farms on this
+            # machine (other people's tests) may be using
+            sup.metrics_port = sup.metrics_port or faultproxy.free_port()
+            env = {**self.stack.env, "FARM_WORKER_METRICS_PORT": str(sup.metrics_port),
+                   "FARM_WORKER_METRICS_HOST": "127.0.0.1"}
             sup.process = self.processes.start(
                 [sys.executable, "-m", "farm", "worker", "--cpu", "--name", sup.name],
-                env=self.stack.env, log_path=sup.log_path)
+                env=env, log_path=sup.log_path)
             sup.starts += 1
             sup.expected_exit = False
 
@@ -538,8 +544,9 @@ class Workers:
         return time.monotonic() - started
 
     def tree(self, sup: Supervisor) -> dict:
-        """``{"worker": pid of python -m workers.main, "children": [pool processes]}`` for a live supervisor."""
-        if sup.process is None or sup.process.poll() is not None:
+        """``{"worker": pid of python -m workers.main, "children": [pool processes]}`` for a live
+        supervisor (none for one the harness is stopping: a kill there would test nothing)."""
+        if sup.process is None or sup.process.poll() is not None or sup.expected_exit:
             return {}
         below = descendants(sup.process.pid)
         mains = [p for p in below if "workers.main" in cmdline(p) and _parent(p) == sup.process.pid]
@@ -1021,6 +1028,10 @@ class Chaos:
     def _blip_kill_render(self, fault: Fault) -> None:
         """SIGKILL one pool process, preferably one holding running images."""
         mine = self.workers.all_pids()  # safety: only processes of the harness's own workers
+        with self.workers.lock:
+            for sup in self.workers.supervisors:  # not a unit being stopped by the harness
+                if sup.expected_exit and sup.process is not None:
+                    mine -= {sup.process.pid, *descendants(sup.process.pid)}
         busy = sorted(self._running_pids() & mine)
         children = []
         with self.workers.lock:
