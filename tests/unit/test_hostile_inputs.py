@@ -269,7 +269,7 @@ def test_a_bad_input_image_is_refused_before_anything_is_read_or_written(embedde
     assert not list((embedded_farm.settings.data_dir / "images").rglob("*.png"))
 
 
-# -- labels (Farm.submit_many lives in farm/client.py: it needs to call farm.request.text.check_label) --
+# -- labels: the CLI and Farm.submit_many both check them (farm.request.text.check_label) -------------
 
 LABELS = [("too-long", "x" * 300, "1 to 255"), ("newline", "batch\n1", "control"), ("surrogate", "\ud800", "surrogate")]
 
