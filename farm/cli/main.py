@@ -8,7 +8,6 @@ all share (settings, errors, exit codes) is ``farm.cli.common``.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
