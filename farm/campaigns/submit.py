@@ -22,6 +22,8 @@ from :class:`~farm.campaigns.control.CampaignControl`, and :class:`CampaignStatu
 
 from __future__ import annotations
 
+import logging
+
 import hashlib
 import json
 import math
@@ -41,7 +43,7 @@ from farm.campaigns.control import CampaignControl, CampaignStatus
 from farm.campaigns.prompt_files import Row, combinations, finish_row, parse_sweeps, read_rows, row_id
 from farm.db.tables import CampaignRecord, CampaignState, ImageRecord, Status, SubmissionRecord
 from farm.dispatch.publish import mark_published, publish, publish_queued
-from farm.errors import ValidationError
+from farm.errors import PublishError, ValidationError
 from farm.request.spec import ImageSpec
 from farm.request.text import check_name, shown, text_problem
 
@@ -65,6 +67,8 @@ class SubmitReport:
     published_again: int = 0  # recorded earlier, never published (a killed submitter): queued now
     estimated_gpu_seconds: float = 0.0
     dry_run: bool = False
+    #: the broker refused after the commit: recorded, and published by the reconciler when it answers
+    broker_error: str | None = None
 
     def __str__(self) -> str:
         if self.dry_run:
@@ -75,8 +79,12 @@ class SubmitReport:
         return (
             f"{self.campaign}: {self.total} image(s): {self.new} new, {self.existing} already there"
             + (f", {self.published_again} queued again" if self.published_again else "")
+            + (f"; not queued yet, the broker refused ({self.broker_error}): recorded, the farm queues them "
+               "when it answers" if self.broker_error else "")
         )
 
+
+log = logging.getLogger("farm.campaigns")
 
 #: Images whose planned task batches are held in memory until the commit, to be published as
 #: planned (labels, LoRA affinity routing). Chunks past it are published from the database after the
@@ -236,10 +244,15 @@ class Campaign(CampaignControl):
             if on_total is not None:  # the count and estimate, before anything is committed or queued
                 on_total(report)
             intake.upload_inputs()  # every row is valid: store the input images (once each, by content)
-        # committed: now queue, chunk by chunk, and mark each chunk published once it is
-        if record.state == CampaignState.active.value:
-            self._publish(record, recorded)
-        report.published_again = self._publish_unpublished(record)
+        # committed: now queue, chunk by chunk, and mark each chunk published once it is; a broker that
+        # refuses loses nothing (the outbox: farm.reconciler publishes what stays unpublished)
+        try:
+            if record.state == CampaignState.active.value:
+                self._publish(record, recorded)
+            report.published_again = self._publish_unpublished(record)
+        except PublishError as exc:
+            report.broker_error = str(exc.__cause__ or exc).splitlines()[0][:200]
+            log.warning("%s; the reconciler publishes them when the broker answers", exc)
         return report
 
     def _chunks(self, intake, source, combos, cap: int, size: int) -> Iterator[list[tuple[str, ImageSpec]]]:

@@ -109,6 +109,9 @@ def test_csv_sweep_renders_exports_and_resubmits_without_duplicates(farm_env, s3
 
 
 def test_killed_submitter_resumes_without_duplicates(farm_env, s3_env, tmp_path):
+    """A campaign submit is all or nothing: killed while it checks and writes, it leaves nothing;
+    committed while the broker refuses, everything is recorded and queued later, once, without a
+    person (the reconciler; here the next submit of the same file, which adds nothing)."""
     farm = farm_env.farm()
     prompts = [f"prompt number {i}" for i in range(400)]
     source = write_csv(tmp_path / "big.csv", prompts)
@@ -116,25 +119,27 @@ def test_killed_submitter_resumes_without_duplicates(farm_env, s3_env, tmp_path)
     with open(tmp_path / "big.csv", "w") as handle:  # all on the idle model: nothing renders them
         handle.write(rows[0] + ",model\n" + "".join(f"{r},idle\n" for r in rows[1:]))
     env = {**farm_env.process_env(), "FARM_CAMPAIGN_CHUNK_SIZE": "20"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "farm", "campaign", "submit", str(source), "--name", "resume-me", "--sweep", "seed=1,2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 120
-    while count(farm, "resume-me") < 100 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.02)
+    command = [sys.executable, "-m", "farm", "campaign", "submit", str(source), "--name", "resume-me", "--sweep", "seed=1,2"]
+
+    # killed half way through: the transaction never committed, nothing is left behind
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(3)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    partial = count(farm, "resume-me")
-    assert 0 < partial < 800, partial
+    killed_at = count(farm, "resume-me")
+    assert killed_at in (0, 800)  # never a partial campaign (0 unless this machine was fast)
 
-    result = subprocess.run(
-        [sys.executable, "-m", "farm", "campaign", "submit", str(source), "--name", "resume-me", "--sweep", "seed=1,2"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert f"{800 - partial} new, {partial} already there" in result.stdout
+    # the broker refuses after the commit: recorded, said so, exit 0
+    refused = subprocess.run(command, env={**env, "FARM_BROKER_URL": "redis://127.0.0.1:1/0"},
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 0, refused.stderr
     assert count(farm, "resume-me") == 800
+    if killed_at == 0:  # this run recorded them and could not queue them
+        assert "the broker refused" in refused.stdout and "the farm queues them when it answers" in refused.stdout
+
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "0 new, 800 already there" in result.stdout and "queued again" in result.stdout
     with farm.sessions() as session:
         unpublished = session.scalar(
             select(func.count()).select_from(SubmissionRecord).join(CampaignRecord)
