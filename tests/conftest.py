@@ -299,3 +299,45 @@ def embedded_farm(farm_settings) -> Iterator[Any]:
 
     with Farm(farm_settings) as farm:
         yield farm
+
+
+# -- Prometheus ---------------------------------------------------------------------------------------
+
+class Scrape:
+    """The samples of one ``/metrics`` page, read with Prometheus's own text parser."""
+
+    def __init__(self, text: str):
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+    @classmethod
+    def of(cls, port: int, host: str = "127.0.0.1") -> "Scrape":
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as answer:
+            return cls(answer.read().decode())
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sum of the samples called ``name`` whose labels include ``labels``."""
+        return sum(s.value for s in self.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+@pytest.fixture
+def scrape_exporter():
+    """``scrape_exporter(services)``: serve ``farm.metrics`` on a free port, scrape it once, stop it."""
+    from farm.metrics import serve
+
+    def scrape(services) -> Scrape:
+        port = _free_port()
+        server = serve(services, host="127.0.0.1", port=port, cache_seconds=0)
+        try:
+            return Scrape.of(port)
+        finally:
+            server.shutdown()
+
+    return scrape
+
+
+@pytest.fixture
+def scrape_port():
+    """``scrape_port(port)``: the :class:`Scrape` of ``http://127.0.0.1:<port>/metrics``."""
+    return Scrape.of

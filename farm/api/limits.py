@@ -15,6 +15,27 @@ __all__ = ["RateLimiter", "Waiter"]
 log = logging.getLogger("farm.api")
 
 
+class BackgroundLoop:
+    """A coroutine (``_run``) the API process runs beside its requests, started and stopped with the
+    app (its lifespan): the waiter of synchronous requests, the webhook sender."""
+
+    _task: "asyncio.Task | None" = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:  # pragma: no cover - each loop has its own
+        raise NotImplementedError
+
+
 class RateLimiter:
     """One token bucket per key, in this process: ``rate`` tokens a second, burst ``max(1, rate)``."""
 
@@ -40,7 +61,7 @@ def retry_after(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
 
 
-class Waiter:
+class Waiter(BackgroundLoop):
     """Synchronous requests wait here for their jobs: one background loop polls the database for all
     of them at once (one query per ``interval``), so hundreds of waiting requests hold no thread."""
 
@@ -48,18 +69,7 @@ class Waiter:
         self._farm = farm
         self._interval = interval
         self._waiting: dict[str, list[asyncio.Future]] = {}
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        self._task = None
 
     async def wait(self, submission_id: str, timeout: float) -> bool:
         """True when every image of ``submission_id`` finished within ``timeout`` seconds."""

@@ -30,6 +30,8 @@ import urllib.request
 from datetime import timedelta
 
 from sqlalchemy import or_, select, update
+
+from farm.api.limits import BackgroundLoop
 from starlette.concurrency import run_in_threadpool
 
 from farm.db.tables import ApiJobRecord, ApiKeyRecord, utcnow
@@ -52,22 +54,11 @@ def verify(secret: str, timestamp: str, body: bytes, signature: str, *, toleranc
     return fresh and hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
-class WebhookSender:
+class WebhookSender(BackgroundLoop):
     def __init__(self, farm, api_settings):
         self._farm = farm
         self._settings = api_settings
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -10,7 +10,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
 
@@ -21,16 +20,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _scrape(port: int) -> list:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        return [s for family in text_string_to_metric_families(answer.read().decode()) for s in family.samples]
-
-
-def _value(samples, name: str, **labels) -> float:
-    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
-def test_worker_metrics_count_images_and_time_every_phase(make_farm_env) -> None:
+def test_worker_metrics_count_images_and_time_every_phase(make_farm_env, scrape_port) -> None:
     port = _free_port()
     env = make_farm_env("servers", FARM_WORKER_METRICS_PORT=str(port), FARM_WORKER_METRICS_HOST="127.0.0.1")
     env.start_worker("metrics")
@@ -42,43 +32,36 @@ def test_worker_metrics_count_images_and_time_every_phase(make_farm_env) -> None
                     assert answer.status == 200
                     break
             except urllib.error.HTTPError as exc:
-                assert exc.code == 503 and time.monotonic() < deadline, [s for s in _scrape(port) if "ready" in s.name]
+                assert exc.code == 503 and time.monotonic() < deadline, [s for s in scrape_port(port).samples if "ready" in s.name]
                 time.sleep(0.5)
         farm = env.farm()
         job = farm.submit_many([{"prompt": "a red circle", "num_images": 3, "width": 64, "height": 64, "steps": 3}])
         job.wait(timeout=180)
         deadline = time.monotonic() + 30
         while True:  # uploads and records finish after the task returns
-            samples = _scrape(port)
-            if _value(samples, "farm_worker_phase_seconds_count", phase="record") >= 3 or time.monotonic() > deadline:
+            scrape = scrape_port(port)
+            if scrape.value("farm_worker_phase_seconds_count", phase="record") >= 3 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
     finally:
         env.stop_workers()
     worker = "metrics@test"
-    assert _value(samples, "farm_worker_up", worker=worker) == 1
-    assert _value(samples, "farm_worker_images_total", worker=worker, outcome="rendered") == 3
+    assert scrape.value("farm_worker_up", worker=worker) == 1
+    assert scrape.value("farm_worker_images_total", worker=worker, outcome="rendered") == 3
     for phase in ("claim", "inputs", "text_encode", "denoise", "vae_decode", "png_encode", "upload", "record"):
-        assert _value(samples, "farm_worker_phase_seconds_count", worker=worker, phase=phase) >= 1, phase
-    assert _value(samples, "farm_worker_chunk_images_sum", worker=worker) == 3
+        assert scrape.value("farm_worker_phase_seconds_count", worker=worker, phase=phase) >= 1, phase
+    assert scrape.value("farm_worker_chunk_images_sum", worker=worker) == 3
 
 
-def test_exporter_counts_every_priority_sub_queue(make_farm_env) -> None:
-    from farm.metrics import serve
-
+def test_exporter_counts_every_priority_sub_queue(make_farm_env, scrape_exporter) -> None:
     env = make_farm_env("servers")
     farm = env.farm()
     farm.submit_many([{"prompt": "now", "width": 64, "height": 64}])  # priority 0: the plain queue
     report = farm.campaign("metrics-campaign").submit([{"prompt": f"later {i}", "steps": 5 + i} for i in range(3)])
     assert report.new == 3  # campaign priority 6: the queue's ':6' sub-queue
-    port = _free_port()
-    server = serve(farm.services, host="127.0.0.1", port=port, cache_seconds=0)
-    try:
-        samples = _scrape(port)
-    finally:
-        server.shutdown()
-    assert _value(samples, "farm_queue_depth", model="tiny") == 4
-    assert _value(samples, "farm_images", model="tiny", status="queued") == 4
-    assert _value(samples, "farm_campaign_images", campaign="metrics-campaign", status="queued") == 3
-    assert _value(samples, "farm_up", component="broker") == 1
-    assert _value(samples, "farm_up", component="database") == 1
+    scrape = scrape_exporter(farm.services)
+    assert scrape.value("farm_queue_depth", model="tiny") == 4
+    assert scrape.value("farm_images", model="tiny", status="queued") == 4
+    assert scrape.value("farm_campaign_images", campaign="metrics-campaign", status="queued") == 3
+    assert scrape.value("farm_up", component="broker") == 1
+    assert scrape.value("farm_up", component="database") == 1

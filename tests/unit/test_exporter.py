@@ -3,39 +3,18 @@ embedded farm: queue depth per model, images by status, failures by reason class
 
 from __future__ import annotations
 
-import urllib.request
 from datetime import timedelta
 
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import update
 
 from farm import lifecycle
 from farm.client import Farm
 from farm.db.tables import ImageRecord, utcnow
 from farm.failures import reason_class
-from farm.metrics import serve
 from farm.settings import Settings
 
 
-def _scrape(port: int) -> dict[tuple[str, tuple], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_the_exporter_says_what_waits_what_failed_and_why(tmp_path) -> None:
+def test_the_exporter_says_what_waits_what_failed_and_why(tmp_path, scrape_exporter) -> None:
     with Farm(Settings(data_dir=tmp_path / "data")) as farm:
         model = farm.settings.default_model
         first = farm.submit_many([{"prompt": "a red circle", "num_images": 3}])
@@ -52,23 +31,18 @@ def test_the_exporter_says_what_waits_what_failed_and_why(tmp_path) -> None:
         queue = farm.settings.queue_for(model)
         with DeadLetters(farm.settings) as letters:  # a poison message the worker kept aside
             letters.add(DeadLetter.of(queue, Poison("no-body", "the message has no body"), "{}"))
-        port = _free_port()
-        server = serve(farm.services, host="127.0.0.1", port=port, cache_seconds=0)
-        try:
-            samples = _scrape(port)
-        finally:
-            server.shutdown()
+        scrape = scrape_exporter(farm.services)
 
-    assert samples[("farm_up", (("component", "database"),))] == 1
-    assert samples[("farm_up", (("component", "broker"),))] == 1
-    assert samples[("farm_images", (("model", model), ("status", "queued")))] == 2
-    assert samples[("farm_images", (("model", model), ("status", "failed")))] == 2
-    assert samples[("farm_images_failed", (("reason", "input"),))] == 1
-    assert samples[("farm_images_failed", (("reason", "out_of_memory"),))] == 1
-    assert 119 <= samples[("farm_oldest_queued_seconds", (("model", model),))] < 600
-    assert samples[("farm_dead_letters_total", (("queue", queue), ("reason", "no-body")))] == 1
+    assert scrape.value("farm_up", component="database") == 1
+    assert scrape.value("farm_up", component="broker") == 1
+    assert scrape.value("farm_images", model=model, status="queued") == 2
+    assert scrape.value("farm_images", model=model, status="failed") == 2
+    assert scrape.value("farm_images_failed", reason="input") == 1
+    assert scrape.value("farm_images_failed", reason="out_of_memory") == 1
+    assert 119 <= scrape.value("farm_oldest_queued_seconds", model=model) < 600
+    assert scrape.value("farm_dead_letters_total", queue=queue, reason="no-body") == 1
     # two tasks were published (two batch keys); the embedded broker's queue is a folder
-    assert samples[("farm_queue_depth", (("model", model),))] == 2
+    assert scrape.value("farm_queue_depth", model=model) == 2
 
 
 def test_a_database_outage_is_a_metric_not_a_crash(tmp_path) -> None:
