@@ -15,12 +15,17 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 from farm.errors import ConfigError
 from farm.settings import Settings
 
 log = logging.getLogger("farm.launcher")
+
+#: A worker process that ran this long before exiting restarts at once (its back-off starts over);
+#: one that keeps dying sooner waits 1, 2, 4 … 60 s between starts.
+STABLE_SECONDS = 300
 
 
 @dataclass
@@ -29,7 +34,9 @@ class Slot:
     device: str
     visible: str | None  # CUDA_VISIBLE_DEVICES for this process; None on CPU
     process: subprocess.Popen | None = None
-    restarts: int = 0
+    restarts: int = 0  # restarts in a row (reset once the process has run STABLE_SECONDS)
+    started: float = 0.0  # time.monotonic() of its last start
+    restart_at: float | None = None  # when it is due to start again after exiting
 
 
 def detect_gpus() -> list[str]:
@@ -84,6 +91,7 @@ def run(settings: Settings, *, model: str, slots: list[Slot], sweep: bool = True
             env["CUDA_VISIBLE_DEVICES"] = slot.visible
         cmd = [sys.executable, "-m", "workers.main", "--model", model, "--device", slot.device, "--name", slot.name, "--loglevel", loglevel]
         slot.process = subprocess.Popen(cmd, env=env)
+        slot.started, slot.restart_at = time.monotonic(), None
         log.info("started %s (pid %d) for model %s on %s", slot.name, slot.process.pid, model, slot.device)
 
     def stop(signum, _frame) -> None:
@@ -102,15 +110,20 @@ def run(settings: Settings, *, model: str, slots: list[Slot], sweep: bool = True
         threading.Thread(target=_reconcile, args=(settings, stopping), daemon=True, name="reconciler").start()
 
     while not stopping.is_set():
-        for slot in slots:
-            code = slot.process.poll() if slot.process else None
-            if code is not None and not stopping.is_set():
-                slot.restarts += 1
-                delay = min(60, 2**slot.restarts)
-                log.warning("%s exited with %s; restarting in %d s", slot.name, code, delay)
-                stopping.wait(delay)
-                if not stopping.is_set():
+        now = time.monotonic()
+        for slot in slots:  # each slot backs off on its own: one crashing GPU never delays another
+            if slot.restart_at is not None:
+                if now >= slot.restart_at:
                     start(slot)
+                continue
+            code = slot.process.poll() if slot.process else None
+            if code is not None:
+                if now - slot.started >= STABLE_SECONDS:  # it ran fine for a while: not a crash loop
+                    slot.restarts = 0
+                slot.restarts += 1
+                delay = min(60, 2 ** (slot.restarts - 1))
+                log.warning("%s exited with %s; restarting in %d s", slot.name, code, delay)
+                slot.restart_at = now + delay
         stopping.wait(1.0)
     for slot in slots:
         if slot.process:
