@@ -22,7 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 # `chaos` is not a registered marker (pyproject.toml): integration + slow select it for now
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.chaos]
 
 
 @pytest.mark.timeout(660)
