@@ -7,13 +7,14 @@ serves them all on ``FARM_WORKER_METRICS_PORT`` (``farm.supervisor``), labelled 
 ==========================================  ==============================================================
 ``farm_worker_images_total{worker,outcome}``  images rendered / failed / handed back
 ``farm_worker_failures_total{worker,reason}`` failed images by reason class (``farm.failures``)
-``farm_worker_phase_seconds{worker,phase}``   seconds per chunk by phase: claim, inputs, lora,
+``farm_worker_phase_seconds{worker,phase}``   seconds by phase: queue_wait (per image), claim, inputs, lora,
                                               text_encode, denoise, vae_decode, png_encode, upload,
                                               record (histogram)
 ``farm_worker_chunk_images{worker}``          images rendered at once (histogram)
 ``farm_worker_lora_loads_total{worker,level}`` adapters served from the pipeline (cache), the worker's
                                               disk, or storage
 ``farm_worker_gpu_memory_bytes{worker}``      peak GPU memory of the last chunk (CUDA only)
+``farm_worker_gpu_utilization_percent{worker}`` GPU utilisation after the last chunk (NVML, when installed)
 ``farm_worker_uploads_pending{worker}``       chunks handed to the finisher, not finished
 ``farm_spool_bytes{worker}``                  rendered PNGs waiting for storage in the local spool
 ``farm_worker_ready{worker}``                 1 once the process has its model loaded (``/readyz``)
@@ -40,6 +41,7 @@ PHASE = Histogram("farm_worker_phase_seconds", "Seconds per chunk by phase", ["w
 CHUNK = Histogram("farm_worker_chunk_images", "Images rendered at once", ["worker"], buckets=(1, 2, 4, 8, 16, 32, 64))
 LORA = Counter("farm_worker_lora_loads", "LoRA adapters served, by level", ["worker", "level"])
 GPU_MEMORY = Gauge("farm_worker_gpu_memory_bytes", "Peak GPU memory of the last chunk", ["worker"], multiprocess_mode="liveall")
+GPU_UTILIZATION = Gauge("farm_worker_gpu_utilization_percent", "GPU utilisation (NVML) after the last chunk", ["worker"], multiprocess_mode="liveall")
 PENDING = Gauge("farm_worker_uploads_pending", "Chunks handed off, not finished", ["worker"], multiprocess_mode="liveall")
 READY = Gauge("farm_worker_ready", "1 once the process has its model loaded", ["worker"], multiprocess_mode="liveall")
 SPOOL = Gauge("farm_spool_bytes", "Bytes waiting for storage in the spool", ["worker"], multiprocess_mode="liveall")
@@ -66,6 +68,18 @@ class WorkerMetrics:
     def phase(self, name: str, seconds: float) -> None:
         _guard(lambda: PHASE.labels(self.worker, name).observe(seconds))
 
+    def queue_wait(self, queued_at) -> None:
+        """Seconds each claimed image waited since it was queued (the ``queue_wait`` phase)."""
+        def update() -> None:
+            from farm.db.tables import utcnow
+
+            now = utcnow()
+            for when in queued_at:
+                if when is not None:
+                    PHASE.labels(self.worker, "queue_wait").observe(max(0.0, (now - when).total_seconds()))
+
+        _guard(update)
+
     def chunk(self, images: int) -> None:
         _guard(lambda: CHUNK.labels(self.worker).observe(images))
 
@@ -79,6 +93,10 @@ class WorkerMetrics:
             if str(device).startswith("cuda") and torch.cuda.is_available():
                 GPU_MEMORY.labels(self.worker).set(torch.cuda.max_memory_allocated())
                 torch.cuda.reset_peak_memory_stats()
+                try:  # NVML (pynvml / nvidia-ml-py) when installed
+                    GPU_UTILIZATION.labels(self.worker).set(torch.cuda.utilization())
+                except Exception:  # noqa: BLE001 - no NVML: memory only
+                    pass
 
         _guard(update)
 

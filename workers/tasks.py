@@ -117,6 +117,7 @@ def _run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str
         except Exception:  # noqa: BLE001
             log.warning("could not publish %d image(s) held elsewhere; their lease decides", len(claim.held_elsewhere))
     metrics.phase("claim", time.perf_counter() - started)
+    metrics.queue_wait([image.queued_at for image in claim.images])
     if claim.given_up:
         metrics.failed("gave up after attempts", len(claim.given_up))
     if not claim.images:

@@ -48,7 +48,7 @@ def test_worker_metrics_count_images_and_time_every_phase(make_farm_env, scrape_
     worker = "metrics@test"
     assert scrape.value("farm_worker_up", worker=worker) == 1
     assert scrape.value("farm_worker_images_total", worker=worker, outcome="rendered") == 3
-    for phase in ("claim", "inputs", "text_encode", "denoise", "vae_decode", "png_encode", "upload", "record"):
+    for phase in ("queue_wait", "claim", "inputs", "text_encode", "denoise", "vae_decode", "png_encode", "upload", "record"):
         assert scrape.value("farm_worker_phase_seconds_count", worker=worker, phase=phase) >= 1, phase
     assert scrape.value("farm_worker_chunk_images_sum", worker=worker) == 3
 

@@ -55,7 +55,7 @@ def run_task(monkeypatch, tmp_path, memory_storage, make_spec) -> Callable[..., 
         storage = memory_storage
         run = Run()
         specs = [make_spec(prompt="a cat", seed=s) for s in range(n)]
-        run.images = [SimpleNamespace(id=uuid.uuid4().hex, submission_id=uuid.uuid4().hex, params=s.params()) for s in specs]
+        run.images = [SimpleNamespace(id=uuid.uuid4().hex, submission_id=uuid.uuid4().hex, params=s.params(), queued_at=None) for s in specs]
         if unstorable is not None:
             storage.fail.add(run.key(unstorable))
         lock = threading.Lock()
