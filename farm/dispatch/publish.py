@@ -135,9 +135,32 @@ def publish(
     except Exception as exc:  # broker down, bad URL…: the records are safe, say how to finish
         raise PublishError(
             f"{origin}: only {count} of {len(batches)} task(s) reached the broker ({type(exc).__name__}: {exc}); "
-            f"the images stay queued in the database: `farm requeue {origin}` publishes them again"
+            "the images stay queued in the database and the reconciler every `farm worker` runs publishes "
+            "them when the broker answers (`farm reconcile` does it now)"
         ) from exc
+    if len(batches) <= SENT_EVENTS_MAX_TASKS and app.conf.worker_send_task_events:
+        _announce(app, batches, settings, origin)
     return count
+
+
+#: Publishes of up to this many tasks also send Flower a task-sent event per task, so an interactive
+#: job shows up named and described while it waits; bulk publishes (campaigns) skip them (speed).
+SENT_EVENTS_MAX_TASKS = 200
+
+
+def _announce(app: Celery, batches: Sequence[Batch], settings: Settings, origin: str) -> None:
+    """Task-sent events for Flower (best-effort: a refused event never fails a publish)."""
+    try:
+        with app.events.default_dispatcher() as dispatcher:
+            for batch in batches:
+                queue = batch.queue or settings.queue_for(batch.model)
+                dispatcher.send(
+                    "task-sent", uuid=batch.task_id, name=RENDER_TASK, args=origin,
+                    kwargs=f"{batch.model} · {batch.label}", retries=0, eta=None, expires=None,
+                    queue=queue, exchange="", routing_key=queue, root_id=batch.task_id, parent_id=None,
+                )
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def publish_images(

@@ -92,6 +92,9 @@ def test_flower_shows_failures_progress_and_workers(make_farm_env, artifacts) ->
         broken = farm.submit_many([{"prompt": "a broken input", "init_image": _png(), "width": 64, "height": 64}])
         [key] = {r.init_image_key for r in broken.results()}
         farm.storage.delete(key)
+        # named and described from the moment it is queued (a task-sent event), before any worker runs
+        waiting = _flower_task(port, _task_id(farm, broken.id))
+        assert waiting["name"] == "farm.render" and "a broken input" in waiting["kwargs"], waiting
         env.start_worker("flower")
         broken.wait(timeout=180)
         assert broken.status().counts["failed"] == 1
@@ -133,6 +136,26 @@ def test_flower_shows_failures_progress_and_workers(make_farm_env, artifacts) ->
         flower.terminate()
         flower.wait(timeout=30)
         env.stop_workers()
+
+
+def _flower_task(port: int, task_id: str, timeout: float = 30) -> dict:
+    """Flower's own record of a task (its API, with the basic-auth login)."""
+    import base64
+    import json
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/task/info/{task_id}",
+        headers={"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()},
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                return json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _task_id(farm, submission_id: str) -> str:
