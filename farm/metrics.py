@@ -15,6 +15,8 @@ exporter says what only the whole farm knows, for dashboards, alerts and autosca
 ``farm_campaign_eta_seconds{campaign}``    their estimated time to finish at the last 10 minutes' rate
 ``farm_dead_letters_total{queue,reason}``  poison messages dead-lettered since the farm began
                                     (``farm dead-letters list``; ``farm.dispatch.dead_letters``)
+``farm_reconciler_lease_expiry_timestamp_seconds``  when the reconciler's lease runs out (a stale
+                                    value: no reconciler runs)
 ``farm_up{component}``              1 when the database / broker answered this scrape, else 0
 ==================================  ======================================================================
 
@@ -34,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import func, select
 
-from farm.db.tables import CampaignRecord, CampaignState, ImageRecord, Status, utcnow
+from farm.db.tables import CampaignRecord, CampaignState, ImageRecord, LeaseRecord, Status, utcnow
 from farm.failures import reason_class
 from farm.services import Services
 
@@ -142,7 +144,16 @@ class FarmCollector(Collector):
                 )
                 if recent:
                     campaign_eta.add_metric([name], remaining / (recent / RATE_WINDOW_SECONDS))
-        return [images, failed, oldest, campaign_images, campaign_eta]
+            lease = GaugeMetricFamily(
+                "farm_reconciler_lease_expiry_timestamp_seconds",
+                "When the reconciler's leader lease runs out (Unix time); its leader renews it every round",
+            )
+            expiry = session.scalar(
+                select(func.max(LeaseRecord.expires_at)).where(LeaseRecord.name.like("reconciler:%"))
+            )
+            if expiry is not None:
+                lease.add_metric([], expiry.timestamp())
+        return [images, failed, oldest, campaign_images, campaign_eta, lease]
 
     # -- the broker -------------------------------------------------------------------------------
     def _broker_metrics(self) -> Iterable[GaugeMetricFamily]:

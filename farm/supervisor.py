@@ -37,6 +37,7 @@ class Slot:
     restarts: int = 0  # restarts in a row (reset once the process has run STABLE_SECONDS)
     started: float = 0.0  # time.monotonic() of its last start
     restart_at: float | None = None  # when it is due to start again after exiting
+    restarts_total: int = 0  # every restart of this slot (farm_worker_restarts_total)
 
 
 def detect_gpus() -> list[str]:
@@ -114,6 +115,7 @@ def run(settings: Settings, *, model: str, slots: list[Slot], sweep: bool = True
         for slot in slots:  # each slot backs off on its own: one crashing GPU never delays another
             if slot.restart_at is not None:
                 if now >= slot.restart_at:
+                    slot.restarts_total += 1
                     start(slot)
                 continue
             code = slot.process.poll() if slot.process else None
@@ -176,15 +178,18 @@ def _serve_metrics(settings: Settings, folder, slots: list[Slot]):
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
     from prometheus_client import CollectorRegistry, make_wsgi_app
-    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
     from prometheus_client.multiprocess import MultiProcessCollector
 
     class Up:
         def collect(self):
             up = GaugeMetricFamily("farm_worker_up", "1 while the worker's process runs", labels=["worker"])
+            restarts = CounterMetricFamily("farm_worker_restarts", "Times farm worker restarted the process", labels=["worker"])
             for slot in slots:
                 up.add_metric([slot.name], 1 if slot.process is not None and slot.process.poll() is None else 0)
+                restarts.add_metric([slot.name], slot.restarts_total)
             yield up
+            yield restarts
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(folder))

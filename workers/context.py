@@ -52,7 +52,10 @@ class WorkerContext:
         finisher = self._finisher
         if finisher is not None:
             spool = getattr(finisher, "spool", None)
-            self.metrics.finisher(finisher.pending, spool.used_bytes if spool is not None else 0)
+            self.metrics.finisher(
+                finisher.pending, spool.used_bytes if spool is not None else 0,
+                spool.max_bytes if spool is not None else None,
+            )
 
     @property
     def shutdown(self):

@@ -17,6 +17,7 @@ serves them all on ``FARM_WORKER_METRICS_PORT`` (``farm.supervisor``), labelled 
 ``farm_worker_gpu_utilization_percent{worker}`` GPU utilisation after the last chunk (NVML, when installed)
 ``farm_worker_uploads_pending{worker}``       chunks handed to the finisher, not finished
 ``farm_spool_bytes{worker}``                  rendered PNGs waiting for storage in the local spool
+``farm_spool_limit_bytes{worker}``            the spool's bound (``FARM_SPOOL_BYTES``)
 ``farm_worker_ready{worker}``                 1 once the process has its model loaded (``/readyz``)
 ==========================================  ==============================================================
 
@@ -44,6 +45,7 @@ GPU_MEMORY = Gauge("farm_worker_gpu_memory_bytes", "Peak GPU memory of the last 
 GPU_UTILIZATION = Gauge("farm_worker_gpu_utilization_percent", "GPU utilisation (NVML) after the last chunk", ["worker"], multiprocess_mode="liveall")
 PENDING = Gauge("farm_worker_uploads_pending", "Chunks handed off, not finished", ["worker"], multiprocess_mode="liveall")
 READY = Gauge("farm_worker_ready", "1 once the process has its model loaded", ["worker"], multiprocess_mode="liveall")
+SPOOL_LIMIT = Gauge("farm_spool_limit_bytes", "The spool's bound (FARM_SPOOL_BYTES)", ["worker"], multiprocess_mode="liveall")
 SPOOL = Gauge("farm_spool_bytes", "Bytes waiting for storage in the spool", ["worker"], multiprocess_mode="liveall")
 
 
@@ -103,10 +105,12 @@ class WorkerMetrics:
     def ready(self) -> None:
         _guard(lambda: READY.labels(self.worker).set(1))
 
-    def finisher(self, pending: int, spool_bytes: int) -> None:
+    def finisher(self, pending: int, spool_bytes: int, spool_limit: int | None = None) -> None:
         def update() -> None:
             PENDING.labels(self.worker).set(pending)
             SPOOL.labels(self.worker).set(spool_bytes)
+            if spool_limit is not None:
+                SPOOL_LIMIT.labels(self.worker).set(spool_limit)
 
         _guard(update)
 

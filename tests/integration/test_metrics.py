@@ -47,6 +47,8 @@ def test_worker_metrics_count_images_and_time_every_phase(make_farm_env, scrape_
         env.stop_workers()
     worker = "metrics@test"
     assert scrape.value("farm_worker_up", worker=worker) == 1
+    assert scrape.value("farm_worker_restarts_total", worker=worker) == 0
+    assert scrape.value("farm_spool_limit_bytes", worker=worker) == env.settings.spool_bytes
     assert scrape.value("farm_worker_images_total", worker=worker, outcome="rendered") == 3
     for phase in ("queue_wait", "claim", "inputs", "text_encode", "denoise", "vae_decode", "png_encode", "upload", "record"):
         assert scrape.value("farm_worker_phase_seconds_count", worker=worker, phase=phase) >= 1, phase

@@ -26,7 +26,12 @@ def test_the_exporter_says_what_waits_what_failed_and_why(tmp_path, scrape_expor
         with farm.sessions.begin() as session:  # the oldest queued image waited two minutes
             session.execute(update(ImageRecord).where(ImageRecord.id == ids[2]).values(queued_at=utcnow() - timedelta(seconds=120)))
 
+        from farm.db.tables import LeaseRecord
         from farm.dispatch.dead_letters import DeadLetter, DeadLetters, Poison
+
+        farm.reconcile(deep=False)
+        with farm.sessions() as session:
+            lease_expiry = session.get(LeaseRecord, f"reconciler:{farm.settings.queue_prefix}").expires_at.timestamp()
 
         queue = farm.settings.queue_for(model)
         with DeadLetters(farm.settings) as letters:  # a poison message the worker kept aside
@@ -41,6 +46,8 @@ def test_the_exporter_says_what_waits_what_failed_and_why(tmp_path, scrape_expor
     assert scrape.value("farm_images_failed", reason="out_of_memory") == 1
     assert 119 <= scrape.value("farm_oldest_queued_seconds", model=model) < 600
     assert scrape.value("farm_dead_letters_total", queue=queue, reason="no-body") == 1
+    # a reconciler round took the lease: its expiry is a metric (an alert fires when it goes stale)
+    assert abs(scrape.value("farm_reconciler_lease_expiry_timestamp_seconds") - lease_expiry) < 1
     # two tasks were published (two batch keys); the embedded broker's queue is a folder
     assert scrape.value("farm_queue_depth", model=model) == 2
 

@@ -64,6 +64,7 @@ def test_a_crash_loop_backs_off_alone(fake_world, farm_settings) -> None:
     assert len(bad) >= 6
     assert all(later >= min(2 * earlier - 1, 60) for earlier, later in zip(gaps, gaps[1:])), gaps  # 1, 2, 4 … 60 s
     assert max(gaps) <= 61
+    assert slots[0].restarts_total == len(bad) - 1 and slots[1].restarts_total == 0  # farm_worker_restarts_total
 
 
 def test_a_process_that_ran_fine_restarts_at_once(fake_world, farm_settings) -> None:
