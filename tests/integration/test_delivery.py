@@ -100,6 +100,7 @@ def test_flower_sees_named_tasks_moving_through_progress(farm_env, s3_env):
     assert len({e["step"] for e in progress}) >= 2
     received = [e for e in seen if e["type"] == "task-received"]
     assert received and received[0]["name"] == "farm.render"
-    assert "submission=" + job.id in received[0]["args"]
+    assert received[0]["args"] == job.id  # where it came from, and what it renders, not a list of ids
+    assert "'a blue square on a white background'" in received[0]["kwargs"] and "128x128" in received[0]["kwargs"]
     task = state.tasks[received[0]["uuid"]]
     assert task.name == "farm.render" and task.state == "SUCCESS"
