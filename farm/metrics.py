@@ -37,7 +37,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import func, select
 
 from farm.db.tables import CampaignRecord, CampaignState, ImageRecord, LeaseRecord, Status, utcnow
-from farm.failures import reason_class
+from farm.failures import summarize
 from farm.services import Services
 
 __all__ = ["FarmCollector", "queue_depths", "serve"]
@@ -99,14 +99,7 @@ class FarmCollector(Collector):
             for model in models:
                 for status in Status:
                     images.add_metric([model, status.value], found.get((model, status.value), 0))
-            reasons: dict[str, int] = {}
-            for error, count in session.execute(
-                select(ImageRecord.error, func.count())
-                .where(ImageRecord.status == Status.failed.value)
-                .group_by(ImageRecord.error)
-            ):
-                reasons[reason_class(error)] = reasons.get(reason_class(error), 0) + count
-            for reason, count in sorted(reasons.items()):
+            for reason, (count, _example) in sorted(summarize(session).items()):
                 failed.add_metric([reason], count)
             first = dict(
                 session.execute(

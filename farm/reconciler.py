@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -230,5 +229,7 @@ class Reconciler:
 
 def _describe(exc: BaseException) -> str:
     """One line for the log: the error's type and first line, any URL password hidden."""
+    from farm.settings import redact
+
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", f"{type(exc).__name__}: {text}")[:300]
+    return redact(f"{type(exc).__name__}: {text}")[:300]
