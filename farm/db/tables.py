@@ -51,13 +51,15 @@ class Status(str, enum.Enum):
     succeeded = "succeeded"
     failed = "failed"
     canceled = "canceled"
+    #: rendered, then withheld by the safety checker (policy ``drop``): no PNG stored, left out of exports
+    filtered = "filtered"
 
     @property
     def finished(self) -> bool:
         return self in FINISHED
 
 
-FINISHED = frozenset({Status.succeeded, Status.failed, Status.canceled})
+FINISHED = frozenset({Status.succeeded, Status.failed, Status.canceled, Status.filtered})
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -111,6 +113,24 @@ class LoraRecord(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class EmbeddingRecord(Base):
+    """A registered textual-inversion embedding: a name (its token in prompts) for a safetensors file."""
+
+    __tablename__ = "embeddings"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    format: Mapped[str] = mapped_column(String(16))  # a1111 (emb_params / string_to_param) | diffusers
+    #: how many token vectors it stands for in a prompt
+    vectors: Mapped[int] = mapped_column(Integer)
+    #: the width of each vector: 768 for SD1.x's CLIP ViT-L/14
+    width: Mapped[int] = mapped_column(Integer)
+    storage_key: Mapped[str] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class SubmissionRecord(Base):
     """One call of ``submit``/``submit_many``: a group of images the user follows together."""
 
@@ -136,7 +156,8 @@ class ImageRecord(Base):
     __tablename__ = "images"
     __table_args__ = (
         CheckConstraint(
-            "status IN ('queued', 'paused', 'running', 'succeeded', 'failed', 'canceled')", name="status_valid"
+            "status IN ('queued', 'paused', 'running', 'succeeded', 'failed', 'canceled', 'filtered')",
+            name="status_valid",
         ),
         Index("ix_images_submission_position", "submission_id", "position", unique=True),
         Index("ix_images_campaign_item", "campaign_id", "item_key", unique=True),
@@ -188,6 +209,10 @@ class ImageRecord(Base):
     prompt_truncated: Mapped[bool | None]
     model_path: Mapped[str | None] = mapped_column(Text)
     info: Mapped[dict[str, Any] | None]
+    #: the safety checker's verdict (NULL: not checked, policy ``off``)
+    flagged: Mapped[bool | None]
+    #: the checker's scores and the policy applied: {"policy": ..., "checker": ..., "scores": {...}}
+    safety: Mapped[dict[str, Any] | None]
 
     submission: Mapped[SubmissionRecord] = relationship(back_populates="images")
 
@@ -249,3 +274,64 @@ class ApiJobRecord(Base):
     webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
     webhook_next_at: Mapped[datetime | None]
     webhook_error: Mapped[str | None] = mapped_column(Text)
+
+
+class ApiCampaignRecord(Base):
+    """A campaign made through ``farm api``: whose it is (other keys get 404)."""
+
+    __tablename__ = "api_campaigns"
+
+    campaign_id: Mapped[str] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True)
+    key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# -- training (farm train lora): one row per training job ----------------------------------------
+
+
+class TrainingState(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+
+class TrainingJobRecord(Base):
+    """A LoRA training job: what to train on, where it is (claims and leases as for images), what came of it."""
+
+    __tablename__ = "training_jobs"
+    __table_args__ = (
+        CheckConstraint(
+            "state IN ('queued', 'running', 'succeeded', 'failed', 'canceled')", name="state_valid"
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    #: the LoRA's name once registered
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    model: Mapped[str] = mapped_column(String(128))
+    #: the dataset as given: a campaign name, an imagefolder directory or a storage URI
+    data: Mapped[str] = mapped_column(Text)
+    #: rank, steps, lr, batch_size, resolution, text_encoder, checkpoint_every, sample_every, seed, ...
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(16), default=TrainingState.queued.value, index=True)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float | None] = mapped_column(Float)
+    #: the last checkpoint in storage (safetensors + JSON) and the step it holds
+    checkpoint_key: Mapped[str | None] = mapped_column(String(1024))
+    checkpoint_step: Mapped[int | None] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    worker: Mapped[str | None] = mapped_column(String(255))
+    claim_token: Mapped[str | None] = mapped_column(String(36))
+    lease_expires_at: Mapped[datetime | None]
+    #: the outbox mark, as for images: set when queued, cleared once its message reached the broker
+    publish_after: Mapped[datetime | None] = mapped_column(index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    #: what came of it: sample image keys per step, timings, the registered LoRA's sha256
+    info: Mapped[dict[str, Any] | None]
