@@ -23,7 +23,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from farm.errors import ConfigError
 
 __all__ = [
-    "BUILTIN_SHAPES", "BUILTIN_TINY", "Limits", "Settings", "parse_batch_sizes", "parse_sizes", "redact", "shipped_model",
+    "BUILTIN_SHAPES", "BUILTIN_TINY", "SAFETY_POLICIES", "Limits", "Settings", "parse_batch_sizes", "parse_sizes", "redact",
+    "shipped_model",
 ]
 
 #: A tiny random SD-architecture pipeline, built on first use into ``<data_dir>/models/tiny``.
@@ -32,6 +33,13 @@ BUILTIN_TINY = "builtin:tiny"
 #: default model, so the embedded farm draws what it is asked ("a red circle on a blue background").
 BUILTIN_SHAPES = "builtin:shapes"
 
+
+#: What the safety checker does with an image, least strict first (a request may only ask for a
+#: policy at least as strict as FARM_SAFETY): ``off`` (not checked), ``flag`` (checked, the verdict
+#: recorded), ``blur`` (a flagged image is stored blurred), ``drop`` (a flagged image is not stored:
+#: status ``filtered``).
+SAFETY_POLICIES = ("off", "flag", "blur", "drop")
+SafetyPolicy = Literal["off", "flag", "blur", "drop"]
 
 #: ``scheme://user:password@`` (the password up to the last ``@`` of the address, so a password
 #: holding an unescaped ``@`` is hidden whole), and ``password=…`` in a query string (libpq takes it).
@@ -258,6 +266,11 @@ class Settings(BaseSettings):
     #: renders while they upload; the images stay claimed, leases renewed, until each is recorded.
     #: False: a task returns only after its images are recorded.
     render_overlap_tasks: bool = True
+    #: Cross-job batching: a worker tops its claim up, in the same transaction, with queued images of
+    #: other tasks that share the batch key (highest priority, then oldest, first), up to its chunk
+    #: size for that resolution, so single-image jobs share GPU batches. False: a task renders only
+    #: its own images.
+    top_up: bool = True
 
     # -- LoRA ---------------------------------------------------------------------------------
     #: Worker disk cache of LoRA files: total size, and free disk space it always leaves.
@@ -290,6 +303,15 @@ class Settings(BaseSettings):
     #: Longest pause between two probes of a storage that is away (also the longest a worker takes
     #: to notice it answers again).
     spool_retry_max_seconds: float = Field(default=30.0, gt=0)
+
+    # -- safety (workers.finishing.safety) ---------------------------------------------------------
+    #: Folder of diffusers' StableDiffusionSafetyChecker (config.json + model.safetensors, optionally
+    #: preprocessor_config.json), on the workers; set it on the submitters too: without it a request
+    #: asking for flag, blur or drop is refused at submit.
+    safety_checker: Path | None = None
+    #: The farm's safety policy (one of SAFETY_POLICIES): what a request that names none gets, and
+    #: the least strict one a request may ask for.
+    safety: SafetyPolicy = "off"
 
     limits: Limits = Field(default_factory=Limits)
 
@@ -382,6 +404,16 @@ class Settings(BaseSettings):
             return "shapes" if "shapes" in models else next(iter(models))
         if value not in models:
             raise ValueError(f"FARM_DEFAULT_MODEL={value!r} is not one of FARM_MODELS ({', '.join(sorted(models))})")
+        return value
+
+    @field_validator("safety")
+    @classmethod
+    def _check_safety(cls, value: str, info: ValidationInfo) -> str:
+        if value != "off" and info.data.get("safety_checker") is None:
+            raise ValueError(
+                f"{value!r} needs a safety checker: set FARM_SAFETY_CHECKER to the folder of diffusers' "
+                "StableDiffusionSafetyChecker (config.json + model.safetensors)"
+            )
         return value
 
     # -- derived values -------------------------------------------------------------------------
