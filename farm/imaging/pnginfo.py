@@ -24,11 +24,18 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 from typing import Any, Mapping
 
 from PIL import Image, PngImagePlugin
 
 from farm.request.schedulers import SCHEDULERS
+
+__all__ = [
+    "FARM_KEY", "PARAMETERS_KEY", "a1111_extra", "a1111_parameters", "add_infotext", "encode_png", "png_text",
+    "quote", "read_png_metadata", "replace_text", "safety_infotext", "sampler_fields",
+]
 
 #: The text chunk A1111 writes its infotext to (and every reader looks for).
 PARAMETERS_KEY = "parameters"
@@ -99,11 +106,7 @@ def a1111_parameters(
     if model_name:
         fields["Model"] = model_name
     for key, value in (extra or {}).items():
-        if not key or key != key.strip() or any(c in key for c in ",:\n") or key in _RESERVED or key in fields:
-            raise ValueError(
-                f"extra infotext key {key!r} must be a non-empty name without ',', ':' or newlines "
-                f"and not one of the standard keys ({', '.join(sorted(_RESERVED))})"
-            )
+        _check_extra_key(key, fields)
         fields[key] = str(value)
 
     line = ", ".join(f"{key}: {quote(value)}" for key, value in fields.items())
@@ -112,6 +115,39 @@ def a1111_parameters(
     negative_line = f"\nNegative prompt: {negative}" if negative else ""
     # A1111: f"{prompt}{negative}\n{params}".strip()
     return f"{prompt}{negative_line}\n{line}".strip()
+
+
+def _check_extra_key(key: str, taken: Mapping[str, str]) -> None:
+    if not key or key != key.strip() or any(c in key for c in ",:\n") or key in _RESERVED or key in taken:
+        raise ValueError(
+            f"extra infotext key {key!r} must be a non-empty name without ',', ':' or newlines "
+            f"and not one of the standard keys ({', '.join(sorted(_RESERVED))})"
+        )
+
+
+def add_infotext(parameters: str, extra: Mapping[str, str]) -> str:
+    """``parameters`` (an infotext) with ``extra`` appended to its last line, as ``a1111_parameters``'s
+    ``extra`` would have put them (same key rules; values quoted the same way)."""
+    if not extra:
+        return parameters
+    head, _, last = parameters.rpartition("\n")
+    present = {part.split(":", 1)[0].strip(): "" for part in last.split(", ") if ":" in part}
+    for key in extra:
+        _check_extra_key(key, present)
+    added = ", ".join(f"{key}: {quote(value)}" for key, value in extra.items())
+    line = f"{last}, {added}" if last.strip() else added
+    return f"{head}\n{line}" if head else line
+
+
+def safety_infotext(verdict: Mapping[str, Any]) -> dict[str, str]:
+    """The infotext keys of a safety check (``{"policy", "flagged", "checker", "scores"}``, as
+    recorded in an image's ``safety``): ``Safety: blur, NSFW: true, NSFW score: -0.084``. The score is
+    the highest concept score (above 0: flagged)."""
+    fields = {"Safety": str(verdict["policy"]), "NSFW": "true" if verdict.get("flagged") else "false"}
+    score = (verdict.get("scores") or {}).get("nsfw")
+    if score is not None:
+        fields["NSFW score"] = f"{float(score):.3f}"
+    return fields
 
 
 def encode_png(image: Image.Image, *, parameters: str, spec: Mapping[str, Any]) -> bytes:
@@ -131,6 +167,82 @@ def encode_png(image: Image.Image, *, parameters: str, spec: Mapping[str, Any]) 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _chunks(data: bytes):
+    """``(start, end, type, body)`` of each chunk of PNG ``data``; ValueError if it is not a PNG."""
+    if not data.startswith(_PNG_SIGNATURE):
+        raise ValueError(f"not a PNG ({len(data)} bytes)")
+    at = len(_PNG_SIGNATURE)
+    while at + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        kind = data[at + 4 : at + 8]
+        end = at + 12 + length
+        if end > len(data):
+            raise ValueError("truncated PNG chunk")
+        yield at, end, kind, data[at + 8 : at + 8 + length]
+        at = end
+        if kind == b"IEND":
+            return
+
+
+def _text_of(kind: bytes, body: bytes) -> tuple[str, str] | None:
+    """``(keyword, text)`` of an uncompressed tEXt or iTXt chunk (what :func:`encode_png` writes)."""
+    keyword, _, rest = body.partition(b"\x00")
+    if kind == b"tEXt":
+        return keyword.decode("latin-1"), rest.decode("latin-1")
+    if kind == b"iTXt" and rest[:1] == b"\x00":  # not compressed
+        _language, _, rest = rest[2:].partition(b"\x00")
+        _translated, _, text = rest.partition(b"\x00")
+        return keyword.decode("latin-1"), text.decode("utf-8")
+    return None
+
+
+def png_text(data: bytes) -> dict[str, str]:
+    """The uncompressed text chunks of PNG ``data``, read from its bytes without decoding a pixel."""
+    found = {}
+    for _start, _end, kind, body in _chunks(data):
+        if kind in (b"tEXt", b"iTXt"):
+            text = _text_of(kind, body)
+            if text is not None:
+                found[text[0]] = text[1]
+    return found
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
+def _text_chunk(keyword: str, text: str) -> bytes:
+    try:
+        return _chunk(b"tEXt", keyword.encode("latin-1") + b"\x00" + text.encode("latin-1"))
+    except UnicodeEncodeError:
+        return _chunk(b"iTXt", keyword.encode("latin-1") + b"\x00\x00\x00\x00\x00" + text.encode("utf-8"))
+
+
+_REPLACED = (PARAMETERS_KEY.encode(), FARM_KEY.encode())
+
+
+def replace_text(data: bytes, *, parameters: str, spec: Mapping[str, Any]) -> bytes:
+    """PNG ``data`` with its ``parameters`` and ``farm`` chunks replaced (written where the first of
+    them was), the pixels' chunks copied as they are: no decode, no re-encode."""
+    out, written = [data[: len(_PNG_SIGNATURE)]], False
+    new = _text_chunk(PARAMETERS_KEY, parameters) + _text_chunk(FARM_KEY, json.dumps(dict(spec), sort_keys=True))
+    for start, end, kind, body in _chunks(data):
+        keyword = body.partition(b"\x00")[0] if kind in (b"tEXt", b"iTXt", b"zTXt") else None
+        if keyword in _REPLACED:
+            if not written:
+                out.append(new)
+                written = True
+            continue
+        if kind == b"IEND" and not written:
+            out.append(new)
+            written = True
+        out.append(data[start:end])
+    return b"".join(out)
 
 
 def read_png_metadata(data: bytes) -> tuple[str | None, dict[str, Any] | None]:
