@@ -4,7 +4,7 @@
                           │  ▲                                                           │
                  claim ───┘  └── pause ── paused                                         │
                   ▼                                                                      │
-               running ──record_success──▶ succeeded                                     │
+               running ──record_success──▶ succeeded | filtered (safety: drop)           │
                   │ └─────record_failure──▶ failed ──────────────────────────────────────┘
                   └──────────cancel───────▶ canceled  (also from queued and paused)
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import json
 from itertools import islice
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import and_, case, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from farm.db.tables import FINISHED, ImageRecord, Status, SubmissionRecord, utcnow
+from farm.db.tables import FINISHED, CampaignRecord, ImageRecord, Status, SubmissionRecord, utcnow
 from farm.errors import NotFound
 from farm.request.spec import ImageSpec
 from farm.settings import Settings
@@ -64,6 +64,8 @@ class Claim:
     wait_seconds: float = 0.0
     #: images given up on because they were claimed too often (each time their worker died)
     given_up: list[str] = field(default_factory=list)
+    #: images of other tasks this claim took to fill its chunk (cross-job batching); also in ``images``
+    topped_up: list[str] = field(default_factory=list)
 
 
 def claim(
@@ -73,9 +75,27 @@ def claim(
     worker: str,
     lease_seconds: float,
     max_attempts: int,
+    top_up: Callable[[int, int], int] | None = None,
 ) -> Claim:
+    """Claim the task's images (``image_ids``) that are queued, or whose last claim's lease expired.
+
+    ``top_up(width, height)``: the worker's chunk size at that resolution. When given, the claim is
+    topped up in the same transaction with queued images of *other* tasks that share the batch key
+    (:attr:`~farm.request.spec.ImageSpec.batch_key`, the one rule for what may share a GPU batch)
+    until its last chunk is full (see :func:`_top_up`); they are in ``images`` (after the task's own)
+    and in ``topped_up``, and their own task messages later find them running or done and skip them.
+    """
     now = utcnow()
     token = str(uuid.uuid4())
+    claimed = dict(
+        status=RUNNING,
+        claim_token=token,
+        worker=worker,
+        started_at=now,
+        lease_expires_at=now + timedelta(seconds=lease_seconds),
+        attempts=ImageRecord.attempts + 1,
+        publish_after=None,
+    )
     with sessions.begin() as session:
         session.execute(
             update(ImageRecord)
@@ -86,15 +106,7 @@ def claim(
                     and_(ImageRecord.status == RUNNING, ImageRecord.lease_expires_at < now),
                 ),
             )
-            .values(
-                status=RUNNING,
-                claim_token=token,
-                worker=worker,
-                started_at=now,
-                lease_expires_at=now + timedelta(seconds=lease_seconds),
-                attempts=ImageRecord.attempts + 1,
-                publish_after=None,
-            )
+            .values(**claimed)
         )
         mine = list(
             session.scalars(
@@ -102,6 +114,10 @@ def claim(
             )
         )
         result = Claim(token=token)
+        if top_up is not None and mine:
+            extra = _top_up(session, mine, top_up, claimed)
+            mine += extra
+            result.topped_up = [image.id for image in extra]
         for image in mine:
             if image.attempts > max_attempts:
                 image.status = Status.failed.value
@@ -115,11 +131,17 @@ def claim(
                 result.given_up.append(image.id)
             else:
                 result.images.append(image)
+        given_up = set(result.given_up)
+        result.topped_up = [image_id for image_id in result.topped_up if image_id not in given_up]
+        # images of the task another live claim holds; not those this worker holds itself (e.g. one
+        # of its earlier claims topped them up and is uploading them): it is alive, and if it dies
+        # the lease sweeper queues them again
         others = session.execute(
             select(ImageRecord.id, ImageRecord.lease_expires_at).where(
                 ImageRecord.id.in_(list(image_ids)),
                 ImageRecord.status == RUNNING,
                 ImageRecord.claim_token != token,
+                or_(ImageRecord.worker.is_(None), ImageRecord.worker != worker),
             )
         ).all()
         if others:
@@ -128,6 +150,78 @@ def claim(
             result.wait_seconds = max(0.0, (first_expiry - now).total_seconds())
         session.expunge_all()
     return result
+
+
+#: Candidate rows read per top-up, as a multiple of the images wanted (rows of the same columns whose
+#: batch key still differs, e.g. another LoRA set, are passed over; the next claim looks again).
+TOP_UP_WINDOW = 4
+
+
+def _top_up(
+    session: Session, mine: list[ImageRecord], chunk_size: Callable[[int, int], int], claimed: dict[str, Any]
+) -> list[ImageRecord]:
+    """Claim queued images of other tasks with the batch key of ``mine`` (the task's own, just
+    claimed in this transaction) until the last chunk is full: ``ceil(len(mine) / chunk) × chunk``.
+
+    Order: the highest priority first (a campaign's ``priority``, plain submissions
+    ``SUBMISSION_PRIORITY``), at equal priority plain submissions before campaigns, then the oldest
+    ``queued_at``: lower-priority work never goes ahead of higher-priority work of the same key, and a
+    campaign's task tops up with interactive jobs first. On PostgreSQL the candidates are locked
+    ``FOR UPDATE SKIP LOCKED`` (concurrent claimers take disjoint rows, nobody waits); SQLite has one
+    writer, and the UPDATE is guarded by ``status = 'queued'`` on both."""
+    from farm.dispatch.publish import SUBMISSION_PRIORITY
+
+    first = mine[0]
+    spec = ImageSpec.from_params(first.params)
+    size = max(1, int(chunk_size(spec.width, spec.height)))
+    need = -(-len(mine) // size) * size - len(mine)
+    if need <= 0:
+        return []
+    key = spec.batch_key
+    priority = func.coalesce(CampaignRecord.priority, SUBMISSION_PRIORITY)
+    candidates = session.execute(
+        select(ImageRecord.id, ImageRecord.params)
+        .outerjoin(CampaignRecord, CampaignRecord.id == ImageRecord.campaign_id)
+        .where(
+            ImageRecord.status == QUEUED,
+            ImageRecord.model == spec.model,
+            ImageRecord.width == spec.width,
+            ImageRecord.height == spec.height,
+            ImageRecord.steps == spec.steps,
+            ImageRecord.scheduler == spec.scheduler,
+            ImageRecord.guidance_scale == spec.guidance_scale,
+        )
+        .order_by(
+            priority,
+            case((ImageRecord.campaign_id.is_(None), 0), else_=1),
+            ImageRecord.queued_at,
+            ImageRecord.submission_id,
+            ImageRecord.position,
+        )
+        .limit(need * TOP_UP_WINDOW)
+        .with_for_update(skip_locked=True, of=ImageRecord)
+    ).all()
+    chosen = [image_id for image_id, params in candidates if _batch_key(params) == key][:need]
+    if not chosen:
+        return []
+    session.execute(
+        update(ImageRecord)
+        .where(ImageRecord.id.in_(chosen), ImageRecord.status == QUEUED)
+        .values(**claimed)
+        .execution_options(synchronize_session=False)
+    )
+    order = {image_id: n for n, image_id in enumerate(chosen)}
+    extra = session.scalars(
+        select(ImageRecord).where(ImageRecord.id.in_(chosen), ImageRecord.claim_token == claimed["claim_token"])
+    ).all()
+    return sorted(extra, key=lambda image: order[image.id])
+
+
+def _batch_key(params: Any) -> tuple | None:
+    try:
+        return ImageSpec.from_params(params).batch_key
+    except (TypeError, ValueError, KeyError):  # a row this code cannot read is never mixed in
+        return None
 
 
 def heartbeat(sessions: sessionmaker[Session], token: str, lease_seconds: float) -> int:
@@ -141,13 +235,24 @@ def heartbeat(sessions: sessionmaker[Session], token: str, lease_seconds: float)
 
 
 def record_success(
-    sessions: sessionmaker[Session], token: str, image_id: str, *, adopt: bool = False, **values: Any
+    sessions: sessionmaker[Session],
+    token: str,
+    image_id: str,
+    *,
+    adopt: bool = False,
+    filtered: str | None = None,
+    **values: Any,
 ) -> bool:
-    """Mark one image succeeded with ``values`` (storage_key, gpu_seconds…); False if the claim was lost.
+    """Mark one image succeeded with ``values`` (storage_key, gpu_seconds, flagged, safety…); False if
+    the claim was lost.
+
+    ``filtered``: the image rendered but the safety checker withheld it (policy ``drop``): it ends
+    ``filtered`` (finished, not failed, never retried) with this reason as its ``error``, and no PNG.
 
     ``adopt``: the image was rendered under ``token`` by an earlier process of this worker and kept in
     its spool; record it also if nobody rendered it since — it is queued again, or running under a
     lease that has expired — so a restart after a storage outage never renders it twice."""
+    status, error = (Status.succeeded.value, None) if filtered is None else (Status.filtered.value, filtered[:4000])
     now = utcnow()
     mine = and_(ImageRecord.claim_token == token, ImageRecord.status == RUNNING)
     if adopt:
@@ -162,7 +267,7 @@ def record_success(
                 update(ImageRecord)
                 .where(ImageRecord.id == image_id, mine)
                 .values(
-                    status=Status.succeeded.value, finished_at=now, lease_expires_at=None, error=None,
+                    status=status, finished_at=now, lease_expires_at=None, error=error,
                     claim_token=token, publish_after=None, **values,
                 )
             ).rowcount

@@ -71,10 +71,11 @@ def run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str)
     shutdown.install()
     shutdown.busy = True
     ctx.task_failures = []
+    ctx.task_topped_up = 0
     try:
         outcome = _run_render(task, ctx, image_ids, model)
         if ctx.task_failures:  # Flower shows the task failed, with why (the images are recorded)
-            raise ImagesFailed(_failure_summary(ctx.task_failures, len(image_ids)))
+            raise ImagesFailed(_failure_summary(ctx.task_failures, len(image_ids) + ctx.task_topped_up))
         return outcome
     finally:
         shutdown.busy = False
@@ -99,7 +100,7 @@ def _run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str
     try:
         claim = _db(ctx, "claim", lambda: lifecycle.claim(
             ctx.sessions, image_ids, worker=worker, lease_seconds=settings.claim_lease_seconds,
-            max_attempts=settings.max_attempts,
+            max_attempts=settings.max_attempts, top_up=_chunk_size(ctx) if settings.top_up else None,
         ))
     except Exception as exc:
         if is_infrastructure(exc):
@@ -116,6 +117,9 @@ def _run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str
             )
         except Exception:  # noqa: BLE001
             log.warning("could not publish %d image(s) held elsewhere; their lease decides", len(claim.held_elsewhere))
+    if claim.topped_up:
+        ctx.task_topped_up = len(claim.topped_up)
+        log.info("task %s: topped up with %d queued image(s) of other tasks", task.request.id, len(claim.topped_up))
     metrics.phase("claim", time.perf_counter() - started)
     metrics.queue_wait([image.queued_at for image in claim.images])
     if claim.given_up:
@@ -154,6 +158,18 @@ def _run_render(task: Task, ctx: WorkerContext, image_ids: list[str], model: str
     #    reporting progress; each chunk goes to the finisher (PNG encode, upload, then record, on
     #    threads) while the next chunk, or the next task, renders
     return _render_and_hand_off(task, ctx, claim, model, images, specs, conditions, lora_report)
+
+
+def _chunk_size(ctx: WorkerContext):
+    """The claim's top-up target: images this worker renders at once at ``width``×``height`` (its
+    calibrated or configured chunk, shrunk on out-of-memory; else ``FARM_MAX_BATCH_SIZE``)."""
+
+    def size(width: int, height: int) -> int:
+        unbounded = 1 << 30
+        chunk = ctx.batch_plan.size_for(width, height, unbounded)
+        return ctx.settings.max_batch_size if chunk >= unbounded else chunk
+
+    return size
 
 
 def _render_and_hand_off(task: Task, ctx: WorkerContext, claim: lifecycle.Claim, model: str, images, specs, conditions, lora_report) -> dict:
