@@ -243,10 +243,13 @@ class Farm:
     # -- submitting -----------------------------------------------------------------------------
     def intake(self) -> Intake:
         """The request path for one submission or campaign (see :mod:`farm.request.intake`)."""
+        from farm import embeddings
+
         services = self.services
         return Intake(
             services.settings,
             resolve_loras=lambda refs, index: loras.resolve(services, refs, index),
+            embeddings=lambda: embeddings.matcher(services),
             storage=lambda: services.storage,
         )
 
@@ -263,6 +266,7 @@ class Farm:
         label: str | None = None,
         base_dir: str | Path | None = None,
         on_recorded: Callable[[Submission], None] | None = None,
+        in_transaction: Callable[[Any, str], None] | None = None,
     ) -> Submission:
         """Validate every request, record them all in one transaction, then queue the work.
 
@@ -272,6 +276,10 @@ class Farm:
         after the commit, before publishing; if the broker refuses (or this process dies), the
         reconciler every ``farm worker`` runs publishes it (``farm.reconciler``), so a refused publish
         is a logged warning, not an error.
+
+        ``in_transaction(session, submission_id)`` is called inside the transaction that records the
+        submission, before its commit: what it writes (``farm api``'s owner row) is committed with
+        the submission or not at all, and if it raises nothing is recorded and nothing is queued.
         """
         from farm.request.text import check_label
 
@@ -290,9 +298,19 @@ class Farm:
         if not specs:
             raise ValidationError("requests", [], "at least one request is needed")
         intake.upload_inputs()  # every request is valid: now store the input images, once each
-        submission_id, batches = lifecycle.record(
-            self.sessions, specs, num_requests=count, settings=settings, label=label
-        )
+        if in_transaction is None:
+            submission_id, batches = lifecycle.record(
+                self.sessions, specs, num_requests=count, settings=settings, label=label
+            )
+        else:
+            from farm.campaigns.submit import _InTransaction
+
+            with self.sessions.begin() as session:  # one transaction: the submission and the hook's writes
+                submission_id, batches = lifecycle.record(
+                    _InTransaction(session), specs, num_requests=count, settings=settings, label=label
+                )
+                in_transaction(session, submission_id)
+                session.flush()  # the hook's rows are checked (keys, constraints) before the commit
         submission = Submission(self.services, submission_id)
         if on_recorded is not None:
             on_recorded(submission)

@@ -17,7 +17,7 @@ from fastapi.security import HTTPBasic, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from farm.api import a1111, jobs, keys
+from farm.api import a1111, campaigns, jobs, keys
 from farm.api.config import ApiSettings
 from farm.api.keys import ANONYMOUS, Caller
 from farm.api.limits import RateLimiter, Waiter, retry_after
@@ -458,6 +458,99 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
         count = await run_in_threadpool(lambda: state.farm.submission(job.submission_id).cancel())
         return {"canceled_images": count}
 
+    # -- campaigns: a prompt file × sweeps, owned by the key that made it --------------------------------
+    upload_limit = min(api.max_upload_bytes, api.max_body_bytes)
+
+    async def read_upload(request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > upload_limit:
+            raise _Http(413, "TooLarge", f"upload over {upload_limit} bytes (FARM_API_MAX_UPLOAD_BYTES)")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > upload_limit:
+                raise _Http(413, "TooLarge", f"upload over {upload_limit} bytes (FARM_API_MAX_UPLOAD_BYTES)")
+        return bytes(body)
+
+    _form = {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file", "name"],
+        "properties": {
+            "file": {"type": "string", "format": "binary", "description": "the prompt file: .jsonl, .csv or .parquet"},
+            "name": {"type": "string", "description": "the campaign's name (re-submitting adds only what is new)"},
+            "sweep": {"type": "array", "items": {"type": "string"}, "description": "FIELD=V1,V2,… (repeat the field)"},
+            "priority": {"type": "integer", "minimum": 0, "maximum": 9},
+            "dry_run": {"type": "boolean"},
+        },
+    }}}
+
+    @app.post("/v1/campaigns", status_code=201, tags=["campaigns"],
+              openapi_extra={"requestBody": {"required": True, "content": _form}})
+    async def create_campaign(request: Request, who: Caller = Depends(caller)):
+        state = state_of(request)
+        body = await read_upload(request)
+        upload = campaigns.parse_upload(request.headers.get("content-type"), body)
+        del body
+        answer = await run_in_threadpool(campaigns.submit, state.farm, who, upload)
+        return JSONResponse(status_code=200 if answer["dry_run"] else 201, content=answer)
+
+    @app.get("/v1/campaigns", tags=["campaigns"])
+    async def list_campaigns(request: Request, who: Caller = Depends(caller)):
+        return await run_in_threadpool(campaigns.listing, state_of(request).farm, who)
+
+    @app.get("/v1/campaigns/{ref}", tags=["campaigns"])
+    async def get_campaign(request: Request, ref: str, who: Caller = Depends(caller)):
+        state = state_of(request)
+        record = await run_in_threadpool(campaigns.owned, state.farm, ref, who)
+        return await run_in_threadpool(campaigns.campaign_view, state.farm, record)
+
+    @app.post("/v1/campaigns/{ref}/{action}", tags=["campaigns"])
+    async def control_campaign(request: Request, ref: str, action: str, who: Caller = Depends(caller)):
+        """``action``: pause, resume, cancel or retry-failed (what ``farm campaign ACTION`` does)."""
+        state = state_of(request)
+        record = await run_in_threadpool(campaigns.owned, state.farm, ref, who)
+        return await run_in_threadpool(campaigns.control, state.farm, record, action)
+
+    @app.get("/v1/campaigns/{ref}/export", tags=["campaigns"], response_class=Response,
+             responses={200: {"content": {"application/x-tar": {}}}})
+    async def export_campaign(request: Request, ref: str, format: str = "imagefolder", shard_size: int = 1000,
+                              who: Caller = Depends(caller)):
+        """The finished images as ``farm campaign export`` writes them, in one tar."""
+        from starlette.background import BackgroundTask
+        from starlette.responses import FileResponse
+
+        state = state_of(request)
+        record = await run_in_threadpool(campaigns.owned, state.farm, ref, who)
+        path, count = await run_in_threadpool(
+            campaigns.export_archive, state.farm, record, fmt=format, shard_size=shard_size
+        )
+        import shutil
+
+        return FileResponse(
+            path, media_type="application/x-tar", filename=f"{campaigns.archive_name(record.name)}-{format}.tar",
+            headers={"X-Farm-Exported": str(count)},
+            background=BackgroundTask(shutil.rmtree, path.parent, ignore_errors=True),
+        )
+
+    @app.get("/v1/campaigns/{ref}/manifest", tags=["campaigns"], response_class=Response,
+             responses={200: {"content": {"application/x-ndjson": {}}}})
+    async def campaign_manifest(request: Request, ref: str, expires: int = 3600, who: Caller = Depends(caller)):
+        """One JSON line per finished image: its metadata and a URL (presigned on S3 storage)."""
+        from starlette.responses import StreamingResponse
+
+        state = state_of(request)
+        if not 1 <= expires <= 7 * 24 * 3600:
+            raise ValidationError("expires", expires, f"must be between 1 and {7 * 24 * 3600} seconds (7 days, S3's limit)")
+        record = await run_in_threadpool(campaigns.owned, state.farm, ref, who)
+        return StreamingResponse(campaigns.manifest_lines(state.farm, record, expires=expires), media_type="application/x-ndjson")
+
+    @app.get("/v1/campaigns/{ref}/images/{image_id}", tags=["campaigns"], response_class=Response,
+             responses={200: {"content": {"image/png": {}}}})
+    async def campaign_image(request: Request, ref: str, image_id: str, who: Caller = Depends(caller)):
+        state = state_of(request)
+        record = await run_in_threadpool(campaigns.owned, state.farm, ref, who)
+        data = await run_in_threadpool(campaigns.image_png, state.farm, record, image_id)
+        return Response(content=data, media_type="image/png")
+
     @app.get("/healthz", tags=["meta"])
     async def healthz():
         return {"ok": True}
@@ -470,6 +563,10 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
     @app.exception_handler(ValidationError)
     async def _invalid(request: Request, exc: ValidationError):
         return JSONResponse(status_code=422, content={"error": "ValidationError", "field": exc.field, "detail": _line(str(exc))})
+
+    @app.exception_handler(campaigns.Conflict)
+    async def _conflict(request: Request, exc: campaigns.Conflict):
+        return JSONResponse(status_code=409, content={"error": "Conflict", "detail": _line(str(exc))})
 
     @app.exception_handler(NotFound)
     async def _missing(request: Request, exc: NotFound):

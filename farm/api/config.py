@@ -20,6 +20,8 @@ class ApiSettings(BaseSettings):
     poll_interval: float = Field(default=0.2, gt=0)
     #: request bodies larger than this are refused with 413 (base64 init image + mask fit easily)
     max_body_bytes: int = Field(default=80 * 1024 * 1024, ge=1024)
+    #: a campaign's prompt file upload (the whole multipart body) larger than this is refused with 413
+    max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     #: webhooks: attempts, first backoff (doubled each time, capped at 300 s), per-attempt timeout
     webhook_attempts: int = Field(default=8, ge=1)
     webhook_backoff: float = Field(default=1.0, gt=0)

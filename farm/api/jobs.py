@@ -36,17 +36,17 @@ def check_callback(url: Any) -> str | None:
 
 def submit(farm, request: Mapping[str, Any], caller: Caller, *, kind: str, callback_url: str | None = None,
            echo: Mapping[str, Any] | None = None) -> str:
-    """Submit ``request`` through ``Farm.submit_many`` (the one request path) and record the owner."""
+    """Submit ``request`` through ``Farm.submit_many`` (the one request path); the owner row is
+    written in the transaction that records the submission (both committed, or neither)."""
 
-    def own(submission) -> None:
-        with farm.sessions.begin() as session:
-            session.add(ApiJobRecord(
-                submission_id=submission.id, key_id=caller.id, kind=kind, created_at=utcnow(),
-                request=dict(echo or {}), callback_url=callback_url,
-                webhook_state="pending" if callback_url else None, webhook_attempts=0,
-            ))
+    def own(session, submission_id: str) -> None:
+        session.add(ApiJobRecord(
+            submission_id=submission_id, key_id=caller.id, kind=kind, created_at=utcnow(),
+            request=dict(echo or {}), callback_url=callback_url,
+            webhook_state="pending" if callback_url else None, webhook_attempts=0,
+        ))
 
-    submission = farm.submit_many([dict(request)], label=f"api:{caller.name}", on_recorded=own)
+    submission = farm.submit_many([dict(request)], label=f"api:{caller.name}", in_transaction=own)
     return submission.id
 
 

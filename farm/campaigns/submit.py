@@ -188,6 +188,7 @@ class Campaign(CampaignControl):
         dry_run: bool = False,
         priority: int | None = None,
         on_total: Callable[[SubmitReport], None] | None = None,
+        in_transaction: Callable[[Any, CampaignRecord, bool], None] | None = None,
     ) -> SubmitReport:
         """Expand ``source`` (a .jsonl/.csv/.parquet path, or dicts) × ``sweeps`` and queue what is new.
 
@@ -196,6 +197,10 @@ class Campaign(CampaignControl):
         or URIs of the farm's storage), strength, clip skip… A row and the same plain request give
         identical parameters. ``on_total`` gets the report with the count and GPU-time estimate once
         the whole input is checked, before anything is committed or queued.
+        ``in_transaction(session, record, created)`` is called in the submit's one transaction right
+        after the campaign's row is found or made (``created``: made now), before any image is
+        written: what it writes (``farm api``'s owner row) is committed with the campaign or not at
+        all, and if it raises nothing is written and nothing is queued.
         """
         check_name("campaign", self.name, max_chars=NAME_MAX_CHARS)
         if priority is not None and (priority.__class__ is not int or not 0 <= priority <= 9):
@@ -222,7 +227,13 @@ class Campaign(CampaignControl):
 
         sessions = self._services.sessions
         with sessions.begin() as session:  # one transaction: any error below rolls every write back
+            created = in_transaction is not None and session.scalar(
+                select(CampaignRecord.id).where(CampaignRecord.name == self.name)
+            ) is None
             record = self._ensure(session, priority)
+            if in_transaction is not None:
+                in_transaction(session, record, created)
+                session.flush()
             fresh = not self._has_images(session, record)  # a new campaign: no key can exist yet
             recorded: list[_Chunk] = []
             held = 0
