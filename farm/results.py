@@ -49,6 +49,8 @@ class ImageResult:
     mask_key: str | None
     #: [[sha256, weight], …] as requested
     loras: list
+    #: the safety policy asked for (off | flag | blur | drop)
+    safety: str
     # where it is
     attempts: int
     worker: str | None
@@ -66,6 +68,10 @@ class ImageResult:
     #: what the worker recorded: model hash, device, batch size, and each LoRA with how it was
     #: served ("cache": already loaded, "disk": the worker's disk cache, "download": from storage)
     info: dict | None = None
+    #: the safety checker's verdict (None: not checked, policy off) and its record:
+    #: ``{"policy", "flagged", "checker", "scores": {"nsfw", "special"…}}``
+    flagged: bool | None = None
+    safety_verdict: dict | None = None
 
     def metadata(self) -> dict[str, Any]:
         """Every field as one JSON-ready dict (a line of ``metadata.jsonl``, an export's metadata)."""
@@ -101,4 +107,6 @@ def image_result(row: ImageRecord, storage: Storage | None) -> ImageResult:
         prompt_truncated=row.prompt_truncated,
         model_path=row.model_path,
         info=row.info,
+        flagged=row.flagged,
+        safety_verdict=row.safety,
     )

@@ -20,7 +20,7 @@ from farm.errors import ValidationError
 from farm.request.prompt_syntax import is_plain
 from farm.request.schedulers import SCHEDULER_NAMES
 from farm.request.text import Shown, shown, text_problem
-from farm.settings import Settings
+from farm.settings import SAFETY_POLICIES, Settings
 
 __all__ = ["MAX_SEED", "CheckedRequest", "GenerationRequest", "ImageSpec", "PreparedInputs", "check_request"]
 
@@ -60,6 +60,8 @@ class GenerationRequest:
     clip_skip: int = 1
     #: registered LoRAs: [{"name": "ink", "weight": 0.8}, {"sha256": "…", "weight": 0.5}]
     loras: list[Any] | None = None
+    #: the safety checker's policy for these images (off | flag | blur | drop); None: FARM_SAFETY
+    safety: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, index: int | None = None) -> "GenerationRequest":
@@ -116,6 +118,9 @@ class ImageSpec:
     clip_skip: int = 1
     #: ((sha256, weight), …), sorted: part of the batch key, so different sets never share a batch
     loras: tuple = ()
+    #: what the safety checker does with the image (``farm.settings.SAFETY_POLICIES``); not part of
+    #: the batch key: each image of a batch is checked on its own
+    safety: str = "off"
 
     @property
     def batch_key(self) -> tuple:
@@ -311,6 +316,7 @@ def check_request(
         )
 
     clip_skip = _int("clip_skip", request.clip_skip, 1, 2, index)
+    safety = _safety(request.safety, settings, index)
     if request.loras and not inputs.loras:
         raise ValidationError("loras", shown(request.loras), "must be resolved against the registry (farm.request.Intake)", index=index)
     if not is_plain(prompt):
@@ -331,7 +337,7 @@ def check_request(
         "width": width, "height": height, "scheduler": scheduler, "model": model, "request_index": index or 0,
         "mode": c["mode"], "init_image_key": c["init_image_key"], "mask_key": c["mask_key"], "strength": c["strength"],
         "resize_mode": c["resize_mode"], "mask_blur": c["mask_blur"], "paste_back": c["paste_back"],
-        "clip_skip": clip_skip, "loras": inputs.loras,
+        "clip_skip": clip_skip, "loras": inputs.loras, "safety": safety,
     }
     images = [ImageSpec._of(values)]
     for seed in seeds[1:]:
@@ -351,9 +357,32 @@ _TXT2IMG_VALUES = {
 }
 assert list(_SPEC_DEFAULTS) == [
     "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler", "model",
-    "request_index", *_TXT2IMG_VALUES, "clip_skip", "loras",
+    "request_index", *_TXT2IMG_VALUES, "clip_skip", "loras", "safety",
 ], "check_request builds ImageSpec values in field order: update it with the fields"
 assert all(_SPEC_DEFAULTS[k] == v for k, v in _TXT2IMG_VALUES.items()), "txt2img values are ImageSpec's defaults"
+
+
+def _safety(value: Any, settings: Settings, index: int | None) -> str:
+    """The request's safety policy (None: FARM_SAFETY): a known one, at least as strict as the farm's,
+    and (unless ``off``) only on a farm with a safety checker."""
+    if value is None:
+        return settings.safety
+    floor = SAFETY_POLICIES.index(settings.safety)
+    if value.__class__ is not str or value not in SAFETY_POLICIES:
+        allowed = ", ".join(SAFETY_POLICIES[floor:])
+        raise ValidationError("safety", shown(value), f"unknown safety policy; valid policies: {allowed}", index=index)
+    if SAFETY_POLICIES.index(value) < floor:
+        allowed = ", ".join(SAFETY_POLICIES[floor:])
+        raise ValidationError(
+            "safety", value, f"must be at least as strict as the farm's FARM_SAFETY={settings.safety}; valid "
+            f"policies: {allowed}", index=index,
+        )
+    if value != "off" and settings.safety_checker is None:
+        raise ValidationError(
+            "safety", value, "needs a safety checker and this farm has none: set FARM_SAFETY_CHECKER to the "
+            "checker's folder (on the submitters and the workers), or use safety=off", index=index,
+        )
+    return value
 
 
 def _seeds(request: GenerationRequest, max_images: int, index: int | None) -> list[int]:

@@ -297,7 +297,9 @@ def test_resolved_spec_carries_every_parameter(settings: Settings) -> None:
         index=2,
     )
     (image,) = checked.images
-    assert image.params() == {
+    params = image.params()
+    assert params.pop("safety") == "off"  # FARM_SAFETY's default (tests/unit/test_safety.py)
+    assert params == {
         "prompt": "a red cube on a wooden table",
         "negative_prompt": "blurry",
         "seed": 5,
