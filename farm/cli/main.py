@@ -20,6 +20,7 @@ from farm.cli.common import EXIT_FAILED, FarmCommands, load_settings, open_farm
 from farm.cli.dead_letters import dead_letters
 from farm.cli.lora import lora
 from farm.cli.operate import exporter, flower, top
+from farm.cli.train import train
 from farm.errors import ValidationError
 from farm.request.text import check_label, check_name
 
@@ -231,6 +232,7 @@ main.add_command(exporter)
 main.add_command(flower)
 main.add_command(api)
 main.add_command(api_key)
+main.add_command(train)
 
 
 @main.group()
