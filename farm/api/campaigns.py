@@ -31,6 +31,7 @@ from farm.db.tables import ApiCampaignRecord, CampaignRecord, ImageRecord, Statu
 from farm.errors import FarmError, NotFound, ValidationError
 from farm.request.intake import Intake
 from farm.request.text import shown
+from farm.storage.base import META_SUFFIX
 
 __all__ = ["Conflict", "Upload", "campaign_view", "control", "export_archive", "listing", "manifest_lines",
            "owned", "parse_upload", "submit"]
@@ -294,7 +295,8 @@ def export_archive(farm, record: CampaignRecord, *, fmt: str, shard_size: int) -
         with tarfile.open(archive, "w") as tar:
             if tree.exists():
                 for path in sorted(tree.rglob("*")):
-                    if path.is_file():
+                    # the dataset's files, not the file storage's sidecars (content types)
+                    if path.is_file() and not path.name.endswith(META_SUFFIX):
                         tar.add(path, arcname=path.relative_to(tree).as_posix(), recursive=False)
         shutil.rmtree(tree, ignore_errors=True)  # only the tar stays while it is sent
         return archive, report.exported
