@@ -172,8 +172,9 @@ def submit(farm, caller: Caller, upload: Upload) -> dict[str, Any]:
         path.write_bytes(upload.data or b"")
         try:
             report = campaign.submit(path, sweeps=sweeps, dry_run=dry_run, priority=priority, in_transaction=own)
-        except IntegrityError:  # the same new name submitted at the same moment by someone else
-            raise _taken(name) from None
+        except IntegrityError:
+            _check_free(farm, name, caller)  # the same new name, made at the same moment by someone else: 409
+            raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     answer: dict[str, Any] = {

@@ -278,3 +278,18 @@ def test_a_campaign_whose_owner_row_fails_is_not_recorded_nor_published(embedded
     with farm.sessions() as session:
         assert session.get(ApiCampaignRecord, answer["id"]).key_id == record.id
     assert answer["new"] == 2 and published
+
+
+def test_the_transaction_itself_refuses_a_name_another_key_took_meanwhile(embedded_farm, published, monkeypatch) -> None:
+    """Two keys submitting the same new name at once: both pass the early check, the second one's
+    transaction finds the first's owner row and refuses (409), adding nothing to its campaign."""
+    farm = embedded_farm
+    first, _ = keys.create(farm.sessions, "alice")
+    second, _ = keys.create(farm.sessions, "bob")
+    upload = api_campaigns.Upload(filename="prompts.csv", data=CSV, fields={"name": ["race"]})
+    api_campaigns.submit(farm, Caller(id=first.id, name="alice"), upload)
+    monkeypatch.setattr(api_campaigns, "_check_free", lambda *a: None)  # as if bob checked before alice committed
+    more = api_campaigns.Upload(filename="prompts.csv", data=CSV + b"r3,a third,2,64,64\n", fields={"name": ["race"]})
+    with pytest.raises(api_campaigns.Conflict, match="taken"):
+        api_campaigns.submit(farm, Caller(id=second.id, name="bob"), more)
+    assert _count(farm, ImageRecord) == 2 and _count(farm, ApiCampaignRecord) == 1
