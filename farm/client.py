@@ -61,8 +61,9 @@ class SubmissionStatus(Tally):
 
     @property
     def succeeded(self) -> bool:
-        """True when every image succeeded."""
-        return self.counts[Status.succeeded.value] == self.total
+        """True when every image succeeded, or was withheld by the safety policy it asked for
+        (``filtered``, policy ``drop``: the work ran as asked)."""
+        return self.counts[Status.succeeded.value] + self.counts.get(Status.filtered.value, 0) == self.total
 
     def __str__(self) -> str:
         from farm.failures import lines
@@ -139,9 +140,10 @@ class Submission:
         """Write every succeeded image to ``directory`` with a ``metadata.jsonl``; return the PNG paths.
 
         ``partial=False`` refuses (:class:`~farm.errors.Incomplete`, nothing written) while any image
-        has not succeeded.
+        has not succeeded. Images the safety checker withheld (``filtered``) have no PNG: they are
+        left out, and do not count as missing.
         """
-        results = self.results()
+        results = [r for r in self.results() if r.status != Status.filtered.value]
         missing = [r for r in results if r.status != Status.succeeded.value or not r.storage_key]
         if missing and not partial:
             from farm.errors import Incomplete

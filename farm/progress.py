@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, TypeVar
 
+from farm.db.tables import FINISHED
 from farm.errors import WaitTimeout
 
 S = TypeVar("S")
 
-#: Statuses an image ends in.
-_FINISHED = ("succeeded", "failed", "canceled")
+#: Statuses an image ends in (succeeded, failed, canceled, filtered: ``farm.db.tables.FINISHED``).
+_FINISHED = tuple(sorted(status.value for status in FINISHED))
 
 
 class Tally:

@@ -32,6 +32,7 @@ class WorkerContext:
     _lora_files: Any = None
     _adapters: Any = None
     _finisher: Any = None
+    _safety: Any = None
     _batch_plan: Any = None
     _shutdown: Any = None
     _metrics: Any = None
@@ -128,7 +129,40 @@ class WorkerContext:
                 self.settings, self.storage, worker=self.node, record=self._record, adopt=self._adopt, renew=self._renew,
             )
             self._finisher.observe = self.metrics.phase
+            self._finisher.screen = self.safety
+            self._finisher.fail = self._fail_image
         return self._finisher
+
+    @property
+    def safety(self):
+        """The safety check each image gets before it is stored (``workers.finishing.safety``): its
+        checker (FARM_SAFETY_CHECKER, or one that says it is absent) is loaded once, on first need."""
+        if self._safety is None:
+            from workers.finishing.safety import Screen, load_checker
+
+            screen = Screen(lambda: load_checker(self.settings.safety_checker, device=self.device))
+
+            def check(body: bytes):
+                screened = screen(body)
+                if screened.values.get("flagged"):  # farm_worker_images_total{outcome="flagged"/"filtered"}
+                    self.metrics.images("filtered" if screened.filtered else "flagged")
+                return screened
+
+            check.screen = screen
+            self._safety = check
+        return self._safety
+
+    def _fail_image(self, token: str, image_id: str, error: str) -> bool:
+        """Fail one image of a claim for good (its safety check cannot run on this worker)."""
+        from farm.retrying import until_deadline
+
+        failed = until_deadline(
+            lambda: lifecycle.record_failure(self.sessions, token, [image_id], error),
+            deadline_seconds=self.settings.infra_deadline_seconds, what="record a failed image",
+        )
+        if failed:
+            self.metrics.failed(error, failed)
+        return bool(failed)
 
     def _record(self, token: str, image_id: str, key: str, values) -> bool:
         """Record a stored image; a database outage is waited out (FARM_INFRA_DEADLINE_SECONDS)."""
@@ -212,6 +246,7 @@ class WorkerContext:
         self._inputs = None
         self._lora_files = None
         self._finisher = None
+        self._safety = None
         self._batch_plan = None
         # images an earlier process of this worker rendered and spooled (storage was away): they
         # upload while the model loads, and are recorded, not rendered again
@@ -224,6 +259,8 @@ class WorkerContext:
             # process dying and respawning in a loop.
             log.exception("model %s could not be loaded", self.model_name)
             return
+        if self.settings.safety_checker is not None:  # load it now, not inside the first upload
+            self.safety.screen.checker  # noqa: B018
         self.finisher.drain_spool(timeout=60)
         self.metrics.ready()
         self.advertise()

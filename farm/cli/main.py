@@ -158,8 +158,13 @@ def download(submission_id, directory, partial):
         except Incomplete as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_FAILED)
-        missing = job.status().total - len(paths)
-    click.echo(f"{len(paths)} image(s) in {directory}" + (f"; {missing} not (yet) succeeded" if missing else ""))
+        final = job.status()
+    filtered = final.counts.get("filtered", 0)
+    missing = final.total - len(paths) - filtered
+    click.echo(
+        f"{len(paths)} image(s) in {directory}" + (f"; {missing} not (yet) succeeded" if missing else "")
+        + (f"; {filtered} filtered by the safety checker (no PNG)" if filtered else "")
+    )
 
 
 @main.command()

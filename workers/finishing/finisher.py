@@ -29,6 +29,12 @@ in the spool survives the process: the next finisher on the same folder uploads 
 (:meth:`Finisher.drain_spool`). A spooled file that no longer matches its hash is dropped with a
 warning (its image is rendered again once its lease runs out).
 
+Safety (with a ``screen``, :class:`~workers.finishing.safety.Screen`): each encoded PNG is checked as
+its image's ``safety`` policy says before it is stored or spooled; the verdict joins the values
+recorded. A flagged image under ``drop`` is not stored: it is recorded ``filtered`` (``record`` with
+``key`` None and the reason as ``values["filtered"]``). An image whose check cannot run (no checker
+on this worker) is failed for good through ``fail`` with the reason, never stored unchecked.
+
 A hand-off whose uploads fail otherwise (access denied, a missing bucket, a PNG that cannot be made,
 a database error while recording; or any storage error without a spool) gives its unrecorded images
 back through its ``give_back(image_ids, error)`` (the render task releases them and publishes them
@@ -59,6 +65,8 @@ Record = Callable[[str, str, str, Mapping[str, Any]], bool]
 Renew = Callable[[Sequence[str]], None]
 #: ``give_back(image_ids, error)``: these images could not be finished; queue them again.
 GiveBack = Callable[[list[str], BaseException], None]
+#: ``fail(token, image_id, error)``: record this image failed for good (its safety check cannot run).
+Fail = Callable[[str, str, str], bool]
 
 #: Final outcomes of an item (HandOff lists of the same names).
 _FINAL = ("recorded", "lost", "failed", "dropped")
@@ -305,6 +313,10 @@ class Finisher:
             self._resolve(handoff, item, "failed", exc)
             return
         self._observe("png_encode", time.monotonic() - started)
+        if self.screen is not None:
+            body = self._screen(handoff, item, body)
+            if body is None:  # filtered, or failed for good: already resolved
+                return
         if self.spool is not None and (self._closing or not self._up.is_set()):
             self._to_spool(handoff, item, body, None)  # storage is down: no deadline to wait out
             return
@@ -332,6 +344,43 @@ class Finisher:
 
     #: ``observe(phase, seconds)``: timings of png_encode and upload (workers.metrics); optional.
     observe: Callable[[str, float], None] | None = None
+    #: ``screen(png) -> Screened``: the safety check of each image before it is stored
+    #: (:class:`workers.finishing.safety.Screen`); None: images are stored as made.
+    screen: Callable[[bytes], Any] | None = None
+    #: how an image whose safety check could not run is failed for good; None: given back instead
+    fail: Fail | None = None
+
+    def _screen(self, handoff: HandOff, item: Item, body: bytes) -> bytes | None:
+        """The bytes to store after the safety check (its verdict added to ``item.values``), or None
+        when the image was resolved here: dropped (recorded ``filtered``) or failed for good."""
+        started = time.monotonic()
+        try:
+            screened = self.screen(body)
+        except Exception as exc:  # no checker here, or it broke: never store the image unchecked
+            error = f"{type(exc).__name__}: {exc}"
+            if self.fail is None:
+                self._resolve(handoff, item, "failed", exc)
+                return None
+            try:
+                failed = self.fail(handoff.token, item.image_id, error)
+            except Exception as db_error:  # the database is down: give it back
+                self._resolve(handoff, item, "failed", db_error)
+                return None
+            log.warning("image %s failed: %s", item.image_id, error)
+            self._resolve(handoff, item, "recorded" if failed else "lost")
+            return None
+        self._observe("safety", time.monotonic() - started)
+        if screened.values:
+            item.values = {**item.values, **screened.values}
+        if screened.filtered is None:
+            return screened.body
+        try:
+            recorded = self.record(handoff.token, item.image_id, None, {**item.values, "filtered": screened.filtered})
+        except Exception as exc:  # the database is down: like a failed upload, give it back
+            self._resolve(handoff, item, "failed", exc)
+            return None
+        self._resolve(handoff, item, "recorded" if recorded else "lost")
+        return None
 
     def _observe(self, phase: str, seconds: float) -> None:
         if self.observe is not None:
