@@ -245,10 +245,13 @@ class Farm:
     # -- submitting -----------------------------------------------------------------------------
     def intake(self) -> Intake:
         """The request path for one submission or campaign (see :mod:`farm.request.intake`)."""
+        from farm import embeddings
+
         services = self.services
         return Intake(
             services.settings,
             resolve_loras=lambda refs, index: loras.resolve(services, refs, index),
+            embeddings=lambda: embeddings.matcher(services),
             storage=lambda: services.storage,
         )
 

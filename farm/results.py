@@ -51,6 +51,8 @@ class ImageResult:
     loras: list
     #: the safety policy asked for (off | flag | blur | drop)
     safety: str
+    #: textual-inversion embeddings the prompts use: [{"name", "sha256"}, …] (``farm.embeddings``)
+    embeddings: list
     # where it is
     attempts: int
     worker: str | None
@@ -87,6 +89,7 @@ def image_result(row: ImageRecord, storage: Storage | None) -> ImageResult:
     asked = spec.params()
     asked.pop("request_index", None)
     asked["loras"] = [[sha, weight] for sha, weight in spec.loras]
+    asked["embeddings"] = [{"name": name, "sha256": sha} for name, sha in spec.embeddings]
     return ImageResult(
         **asked,
         id=row.id,

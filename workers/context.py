@@ -30,6 +30,7 @@ class WorkerContext:
     _model: Any = None
     _inputs: Any = None
     _lora_files: Any = None
+    _embedding_files: Any = None
     _adapters: Any = None
     _finisher: Any = None
     _safety: Any = None
@@ -233,7 +234,35 @@ class WorkerContext:
                 self.device,
                 time.perf_counter() - started,
             )
+            self._attach_text_caches(self._model)
         return self._model
+
+    def _attach_text_caches(self, model) -> None:
+        """The prompt-embedding cache and the textual-inversion embeddings of this worker's model."""
+        import os
+
+        from workers.diffusion.embeddings import EmbeddingStore
+        from workers.diffusion.prompts import PromptCache
+
+        size = getattr(self.settings, "prompt_cache_bytes", None)
+        if size is None:  # FARM_PROMPT_CACHE_BYTES (0: off); 64 MiB ≈ 550 SD1.x windows in fp16
+            size = int(os.environ.get("FARM_PROMPT_CACHE_BYTES", 64 * 1024 * 1024))
+        model.prompt_cache = PromptCache(max_bytes=size) if size > 0 else None
+        model.embeddings = EmbeddingStore(model.pipe, fetch=self._embedding_bytes)
+
+    def _embedding_bytes(self, sha256: str) -> bytes:
+        """An embedding file by sha256: the on-disk cache (verified when written), else storage."""
+        from farm.storage.keys import content_key
+
+        if self._embedding_files is None:
+            from workers.lora.disk_cache import LoraDiskCache
+
+            self._embedding_files = LoraDiskCache(
+                self.storage, self.settings.data_dir / "cache" / "embeddings",
+                max_bytes=1024**3, min_free_bytes=self.settings.lora_min_free_bytes,
+            )
+        path, _ = self._embedding_files.path(sha256, content_key("embeddings", sha256, "safetensors"))
+        return path.read_bytes()
 
     def after_fork(self) -> None:
         """In a fresh pool process: drop inherited connections, load the pipeline once, warm it up."""
@@ -245,6 +274,7 @@ class WorkerContext:
         self._storage = None
         self._inputs = None
         self._lora_files = None
+        self._embedding_files = None
         self._finisher = None
         self._safety = None
         self._batch_plan = None

@@ -18,6 +18,7 @@ from farm.cli.campaign import campaign
 from farm.cli.plugins import PluginGroup
 from farm.cli.common import EXIT_FAILED, FarmCommands, load_settings, open_farm
 from farm.cli.dead_letters import dead_letters
+from farm.cli.embedding import embedding
 from farm.cli.lora import lora
 from farm.cli.operate import exporter, flower, top
 from farm.cli.train import train
@@ -63,8 +64,10 @@ def main() -> None:
 @click.option("--paste-back", is_flag=True, help="Inpainting: keep the unmasked original pixels exactly.")
 @click.option("--clip-skip", type=int, default=1, show_default=True, help="1 or 2, as A1111's Clip skip.")
 @click.option("--lora", "loras", multiple=True, help="NAME[:WEIGHT] of a registered LoRA (repeatable).")
+@click.option("--safety", default=None,
+              help="off, flag, blur or drop: what the safety checker does with the images (default FARM_SAFETY).")
 def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, width, height, scheduler, model, file_,
-           label, init_image, mask, strength, resize_mode, mask_blur, paste_back, clip_skip, loras):
+           label, init_image, mask, strength, resize_mode, mask_blur, paste_back, clip_skip, loras, safety):
     """Validate and queue a request; print the submission id."""
     if file_ is not None:
         if prompt is not None:
@@ -95,6 +98,7 @@ def submit(prompt, negative_prompt, num_images, seed, steps, guidance_scale, wid
                 "paste_back": paste_back,
                 "clip_skip": clip_skip,
                 "loras": list(loras) or None,
+                "safety": safety,
             }
         ]
         lines = ()
@@ -231,6 +235,7 @@ def worker(model, gpus, cpu, name, processes, loglevel):
 
 main.add_command(campaign)
 main.add_command(lora)
+main.add_command(embedding)
 main.add_command(dead_letters)
 main.add_command(top)
 main.add_command(exporter)

@@ -28,6 +28,8 @@ __all__ = ["Intake", "LoraResolver"]
 
 #: ``(refs, index) -> ((sha256, weight), …)``: LoRA references resolved against the registry.
 LoraResolver = Callable[[Any, "int | None"], tuple]
+#: ``() -> farm.embeddings.Matcher``: the registered embedding names (read once per intake).
+EmbeddingNames = Callable[[], Any]
 
 _IMAGE_FIELDS = (("init_image", "RGB"), ("mask", "L"))
 
@@ -40,13 +42,18 @@ class Intake:
     checks it once.
     """
 
-    def __init__(self, settings: Settings, *, resolve_loras: LoraResolver, storage: Callable[[], Storage]):
+    def __init__(
+        self, settings: Settings, *, resolve_loras: LoraResolver, storage: Callable[[], Storage],
+        embeddings: EmbeddingNames | None = None,
+    ):
         self.settings = settings
         self.catalogue = Catalogue(settings)
         self._resolve_loras = resolve_loras
         self._storage = storage
         self._images: dict[tuple, PreparedImage] = {}
         self._loras: dict[str, tuple] = {}
+        self._embedding_names = embeddings
+        self._matcher: Any = None
 
     def prepare(
         self,
@@ -71,13 +78,17 @@ class Intake:
         if request.__class__ is not dict and isinstance(request, GenerationRequest):
             request = request.to_dict()
         inputs = None
-        if (request.__class__ is dict or isinstance(request, Mapping)) and (
+        is_mapping = request.__class__ is dict or isinstance(request, Mapping)
+        embeddings = self._embeddings_of(request) if is_mapping else ()
+        if is_mapping and (
             request.get("init_image") is not None or request.get("mask") is not None or request.get("loras") is not None
+            or embeddings
         ):
             inputs = PreparedInputs(
                 init=self._image(request.get("init_image"), "init_image", "RGB", index, base_dir),
                 mask=self._image(request.get("mask"), "mask", "L", index, base_dir),
                 loras=self._loras_of(request.get("loras"), index),
+                embeddings=embeddings,
             )
         return check_request(request, self.settings, index=index, inputs=inputs, catalogue=self.catalogue).images
 
@@ -123,6 +134,17 @@ class Intake:
                 raise ValidationError(field, shown(redact(text)), f"cannot be read from storage ({redact(str(exc))})", index=index) from None
         path = Path(text).expanduser()
         return path if path.is_absolute() or base_dir is None else Path(base_dir) / path
+
+    # -- textual-inversion embeddings -------------------------------------------------------------
+    def _embeddings_of(self, request: Mapping[str, Any]) -> tuple:
+        """``((name, sha256), …)`` of the registered embeddings the prompt and negative prompt use."""
+        if self._embedding_names is None:
+            return ()
+        if self._matcher is None:
+            self._matcher = self._embedding_names()
+        if not self._matcher:
+            return ()
+        return self._matcher.find(request.get("prompt"), request.get("negative_prompt"))
 
     # -- LoRAs ----------------------------------------------------------------------------------
     def _loras_of(self, refs: Any, index: int | None) -> tuple:

@@ -118,6 +118,9 @@ class ImageSpec:
     clip_skip: int = 1
     #: ((sha256, weight), …), sorted: part of the batch key, so different sets never share a batch
     loras: tuple = ()
+    #: textual-inversion embeddings the prompts use, ((name, sha256), …) sorted (``farm.embeddings``);
+    #: recorded as ``[{"name", "sha256"}]``; workers expand exactly these names
+    embeddings: tuple = ()
     #: what the safety checker does with the image (``farm.settings.SAFETY_POLICIES``); not part of
     #: the batch key: each image of a batch is checked on its own
     safety: str = "off"
@@ -129,6 +132,7 @@ class ImageSpec:
         return (
             self.model, self.mode, self.width, self.height, self.steps, self.scheduler, self.guidance_scale,
             self.strength, self.resize_mode, self.mask_blur, self.paste_back, self.clip_skip, self.loras,
+            self.embeddings,
         )
 
     @classmethod
@@ -136,11 +140,16 @@ class ImageSpec:
         """The spec recorded in an image's ``params`` (extra recorded keys, like the parsed prompt, ignored)."""
         fields = {name: params[name] for name in _SPEC_FIELDS if name in params}
         fields["loras"] = tuple((str(sha), float(weight)) for sha, weight in fields.get("loras") or ())
+        fields["embeddings"] = tuple(
+            (str(e["name"]), str(e["sha256"])) if isinstance(e, Mapping) else (str(e[0]), str(e[1]))
+            for e in fields.get("embeddings") or ()
+        )
         return cls(**fields)
 
     def recorded(self) -> dict[str, Any]:
         """What the image record keeps: the spec, plus the parsed form of prompts that use weighting syntax."""
         params = self.params()
+        params["embeddings"] = [{"name": name, "sha256": sha} for name, sha in self.embeddings]
         for name in ("prompt", "negative_prompt"):
             text = params[name]
             if text and not is_plain(text):  # most prompts: no syntax possible, no parse
@@ -257,6 +266,7 @@ class PreparedInputs:
     init: Any = None  # PreparedImage
     mask: Any = None
     loras: tuple = ()  # ((sha256, weight), …) resolved from the registry
+    embeddings: tuple = ()  # ((name, sha256), …) of registered embeddings the prompts use
 
 
 def check_request(
@@ -337,7 +347,7 @@ def check_request(
         "width": width, "height": height, "scheduler": scheduler, "model": model, "request_index": index or 0,
         "mode": c["mode"], "init_image_key": c["init_image_key"], "mask_key": c["mask_key"], "strength": c["strength"],
         "resize_mode": c["resize_mode"], "mask_blur": c["mask_blur"], "paste_back": c["paste_back"],
-        "clip_skip": clip_skip, "loras": inputs.loras, "safety": safety,
+        "clip_skip": clip_skip, "loras": inputs.loras, "embeddings": inputs.embeddings, "safety": safety,
     }
     images = [ImageSpec._of(values)]
     for seed in seeds[1:]:
@@ -357,7 +367,7 @@ _TXT2IMG_VALUES = {
 }
 assert list(_SPEC_DEFAULTS) == [
     "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler", "model",
-    "request_index", *_TXT2IMG_VALUES, "clip_skip", "loras", "safety",
+    "request_index", *_TXT2IMG_VALUES, "clip_skip", "loras", "embeddings", "safety",
 ], "check_request builds ImageSpec values in field order: update it with the fields"
 assert all(_SPEC_DEFAULTS[k] == v for k, v in _TXT2IMG_VALUES.items()), "txt2img values are ImageSpec's defaults"
 

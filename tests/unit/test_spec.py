@@ -299,6 +299,7 @@ def test_resolved_spec_carries_every_parameter(settings: Settings) -> None:
     (image,) = checked.images
     params = image.params()
     assert params.pop("safety") == "off"  # FARM_SAFETY's default (tests/unit/test_safety.py)
+    assert params.pop("embeddings") == ()  # none registered (tests/unit/test_embeddings.py)
     assert params == {
         "prompt": "a red cube on a wooden table",
         "negative_prompt": "blurry",

@@ -81,6 +81,10 @@ class LoadedModel:
     scheduler_config: Mapping[str, Any] = field(default_factory=dict)
     #: What ``workers.diffusion.speed.optimize`` applied (channels_last, fuse_qkv, vae_slicing, compile…).
     speed: dict[str, Any] = field(default_factory=dict)
+    #: The worker's text-encoder output cache (``workers.diffusion.prompts.PromptCache``), if any.
+    prompt_cache: Any = None
+    #: The worker's textual-inversion embeddings (``workers.diffusion.embeddings.EmbeddingStore``), if any.
+    embeddings: Any = None
 
     def __post_init__(self) -> None:
         if not self.scheduler_config:

@@ -72,12 +72,12 @@ def check_inputs(model: LoadedModel, specs: Sequence[ImageSpec], conditions: Seq
         raise RenderError("inpainting needs a mask for every image of the batch")
 
 
-def count_tokens(model: LoadedModel, prompt: str) -> tuple[int, bool]:
+def count_tokens(model: LoadedModel, prompt: str, embeddings=None) -> tuple[int, bool]:
     """Content tokens in ``prompt`` and whether plain CLIP encoding would cut it (the farm does not:
     long prompts are encoded in 75-token chunks, see ``workers.diffusion.prompts``)."""
     from workers.diffusion.prompts import token_count
 
-    count = token_count(model.pipe, prompt)
+    count = token_count(model.pipe, prompt, embeddings)
     return count, count > model.pipe.tokenizer.model_max_length - 2
 
 
@@ -94,6 +94,8 @@ def render_batch(
     check_inputs(model, specs, conditions)
     spec = specs[0]
     pipe = model.pipe
+    # textual-inversion embeddings the batch's prompts use (the batch key holds the set)
+    embeddings = _embeddings(model, spec.embeddings)
 
     # Texts padded to different numbers of 77-token windows would change each other's images:
     # render each window count as its own batch, so an image is the same alone or in any batch.
@@ -101,7 +103,7 @@ def render_batch(
 
     groups: dict[int, list[int]] = {}
     for n, s in enumerate(specs):
-        groups.setdefault(window_count(pipe, s.prompt, s.negative_prompt), []).append(n)
+        groups.setdefault(window_count(pipe, s.prompt, s.negative_prompt, embeddings), []).append(n)
     if len(groups) > 1:
         return _render_groups(model, specs, conditions, list(groups.values()), base_scheduler_config, on_step)
 
@@ -113,12 +115,15 @@ def render_batch(
     from workers.diffusion.prompts import encode_prompts
 
     encode_started = time.perf_counter()
-    tokens = [count_tokens(model, s.prompt) for s in specs]
+    tokens = [count_tokens(model, s.prompt, embeddings) for s in specs]
     embeds = encode_prompts(
-        pipe, [s.prompt for s in specs], [s.negative_prompt for s in specs], clip_skip=spec.clip_skip, device=pipe.device
+        pipe, [s.prompt for s in specs], [s.negative_prompt for s in specs], clip_skip=spec.clip_skip, device=pipe.device,
+        embeddings=embeddings, cache=getattr(model, "prompt_cache", None),
     )
+    from workers.diffusion.tokenizer import clean_text
+
     text = (
-        {"prompt": [s.prompt for s in specs], "negative_prompt": [s.negative_prompt for s in specs]}
+        {"prompt": [clean_text(s.prompt) for s in specs], "negative_prompt": [clean_text(s.negative_prompt or "") for s in specs]}
         if embeds is None
         else {"prompt_embeds": embeds[0], "negative_prompt_embeds": embeds[1]}
     )
@@ -175,6 +180,17 @@ def render_batch(
     denoised_at = denoised_at or started
     phases = {"text_encode": text_seconds, "denoise": denoised_at - started, "vae_decode": finished - denoised_at}
     return BatchResult(images=rendered, seconds=seconds, interrupted=interrupted, phases=phases)
+
+
+def _embeddings(model: LoadedModel, wanted):
+    """The batch's embeddings loaded into the text encoder (``model.embeddings``, a
+    :class:`workers.diffusion.embeddings.EmbeddingStore` the worker attaches), or None."""
+    if not wanted:
+        return None
+    store = getattr(model, "embeddings", None)
+    if store is None:
+        raise RenderError(f"the batch uses embeddings {[name for name, _ in wanted]} but this worker has no embedding store")
+    return store.activate(wanted)
 
 
 def _render_groups(model, specs, conditions, groups, base_scheduler_config, on_step) -> BatchResult:
