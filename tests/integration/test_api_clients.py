@@ -195,6 +195,43 @@ def test_queued_jobs_results_and_signed_webhooks(served) -> None:
         receiver.shutdown()
 
 
+def test_a_campaign_upload_renders_on_the_worker_and_exports(served) -> None:
+    import tarfile
+
+    import requests
+
+    env, base, port, keys, _ = served
+    alice, bob = ({"Authorization": f"Bearer {keys[name][0]}"} for name in ("alice", "bob"))
+    csv = b"id,prompt,steps,width,height\nr1,a red circle on a blue background,2,64,64\n"
+    created = requests.post(base + "/v1/campaigns", headers=alice, data={"name": "api-campaign", "sweep": ["seed=1,2"]},
+                            files={"file": ("prompts.csv", csv, "text/csv")}, timeout=120)
+    assert created.status_code == 201, created.text
+    campaign_id = created.json()["id"]
+    assert created.json()["new"] == 2
+    assert requests.get(f"{base}/v1/campaigns/{campaign_id}", headers=bob, timeout=30).status_code == 404
+    bad = requests.post(base + "/v1/campaigns", headers=alice, data={"name": "api-campaign-bad"},
+                        files={"file": ("prompts.csv", csv.replace(b",64,64", b",65,64"), "text/csv")}, timeout=60)
+    assert bad.status_code == 422 and "prompts.csv line 2: width=65 is invalid" in bad.json()["detail"], bad.text
+    deadline = time.monotonic() + 120
+    while (status := requests.get(f"{base}/v1/campaigns/api-campaign", headers=alice, timeout=30).json())["finished"] < 2:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    assert status["counts"]["succeeded"] == 2 and status["state"] == "finished", status
+    assert [c["name"] for c in requests.get(base + "/v1/campaigns", headers=alice, timeout=30).json()["campaigns"]] == ["api-campaign"]
+
+    exported = requests.get(base + status["export_url"], headers=alice, timeout=120)
+    assert exported.status_code == 200 and exported.headers["X-Farm-Exported"] == "2"
+    with tarfile.open(fileobj=io.BytesIO(exported.content)) as tar:
+        meta = [json.loads(line) for line in tar.extractfile("train/metadata.jsonl").read().splitlines()]
+        assert sorted(m["seed"] for m in meta) == [1, 2]
+        assert Image.open(tar.extractfile("train/" + meta[0]["file_name"])).size == (64, 64)
+    # S3 storage: the manifest's URLs are presigned, fetched without the key
+    lines = [json.loads(line) for line in requests.get(base + status["manifest_url"], headers=alice, timeout=60).text.splitlines()]
+    assert len(lines) == 2 and ("Signature=" in lines[0]["url"] or "X-Amz-Signature=" in lines[0]["url"]), lines[0]["url"]
+    png = requests.get(lines[0]["url"], timeout=30)
+    assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (64, 64)
+
+
 def test_schemathesis_finds_no_server_error(served) -> None:
     env, base, port, keys, _ = served
     started = time.monotonic()
