@@ -293,3 +293,22 @@ def test_the_transaction_itself_refuses_a_name_another_key_took_meanwhile(embedd
     with pytest.raises(api_campaigns.Conflict, match="taken"):
         api_campaigns.submit(farm, Caller(id=second.id, name="bob"), more)
     assert _count(farm, ImageRecord) == 2 and _count(farm, ApiCampaignRecord) == 1
+
+
+def test_a_parquet_upload_is_read_as_the_cli_reads_it(api) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    client, farm = api
+    key = _key(farm, "k")
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["a red circle", "a blue square"], "steps": [2, 2],
+                             "width": [64, 64], "height": [64, 64]}), buffer)
+    created = client.post("/v1/campaigns", headers=key, data={"name": "pq", "sweep": "seed=1,2", "priority": "3"},
+                          files={"file": ("rows.parquet", buffer.getvalue(), "application/octet-stream")})
+    assert created.status_code == 201, created.text
+    assert created.json()["total"] == 4
+    assert client.get("/v1/campaigns/pq", headers=key).json()["priority"] == 3
+    broken = client.post("/v1/campaigns", headers=key, data={"name": "pq2"},
+                         files={"file": ("rows.parquet", b"PAR1 not really", "application/octet-stream")})
+    assert broken.status_code == 422 and "rows.parquet" in broken.json()["detail"], broken.text
