@@ -352,6 +352,29 @@ def worker_process(args: argparse.Namespace) -> None:
 
 # -- the bench driver --------------------------------------------------------------------------------
 
+def _record_chunk(sessions, token: str, values: list[dict]) -> list[str]:
+    """A prototype of the per-chunk record (``lifecycle.record_success`` for many images of one claim,
+    one transaction, one statement); returns the ids recorded (the others' claim was lost)."""
+    from sqlalchemy import text
+
+    rows, params = [], {"token": token}
+    for n, v in enumerate(values):
+        rows.append(
+            f"(:id{n}, :key{n}, CAST(:gpu{n} AS double precision), CAST(:tokens{n} AS integer), "
+            f"CAST(:truncated{n} AS boolean), :path{n}, CAST(:info{n} AS json))"
+        )
+        params.update({f"{k}{n}": value for k, value in v.items()})
+    statement = text(
+        "UPDATE images AS i SET status = 'succeeded', finished_at = now(), lease_expires_at = NULL, error = NULL, "
+        "publish_after = NULL, storage_key = v.key, gpu_seconds = v.gpu, prompt_tokens = v.tokens, "
+        "prompt_truncated = v.truncated, model_path = v.path, info = v.info "
+        f"FROM (VALUES {', '.join(rows)}) AS v(id, key, gpu, tokens, truncated, path, info) "
+        "WHERE i.id = v.id AND i.claim_token = :token AND i.status = 'running' RETURNING i.id"
+    )
+    with sessions.begin() as session:
+        return list(session.execute(statement, params).scalars())
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -511,6 +534,7 @@ class Bench:
                 deadline = time.monotonic() + args.timeout
                 while succeeded() < backlog and time.monotonic() < deadline:
                     time.sleep(0.2)
+                time.sleep(0.6)  # the workers' counters reach their files every 0.25 s
                 done = succeeded()
                 first_last = self._first_last(engine, prefix)
                 elapsed = max(1e-6, first_last[1] - first_last[0]) if first_last else 1e-6
@@ -534,7 +558,7 @@ class Bench:
             with engine.connect() as connection:
                 images_in_window = connection.execute(
                     text("SELECT count(*) FROM images WHERE status = 'succeeded' AND finished_at >= :a AND finished_at < :b"),
-                    {"a": window[0].replace(tzinfo=None), "b": window[1].replace(tzinfo=None)},
+                    {"a": window[0], "b": window[1]},
                 ).scalar()
                 left = connection.execute(text("SELECT count(*) FROM images WHERE status = 'queued'")).scalar()
             deltas = self._deltas(before, after)
@@ -584,6 +608,95 @@ class Bench:
             for i in range(images // self.args.batch)
         ]
         farm.submit_many(requests, label=prefix)
+
+    # the fix, prototyped: one record transaction per chunk instead of one per image
+    def micro_record(self, chunks: int) -> dict:
+        """Record ``chunks`` claimed chunks of ``--batch`` images three ways, on the same database:
+        ``per_image`` (what the finisher does: ``lifecycle.record_success`` per image, engine as
+        ``farm.db.make_engine`` makes it, pool pre-ping on), ``per_chunk`` (a prototype: one
+        ``UPDATE … FROM (VALUES …) RETURNING id`` per chunk, same engine) and ``per_chunk_no_preping``.
+        Client CPU (thread time), wall, client transactions and statements, server transactions
+        (pg_stat_database) and PostgreSQL backend CPU, each per image."""
+        from sqlalchemy import create_engine, event, text
+        from sqlalchemy.orm import sessionmaker
+
+        from farm import db, lifecycle
+
+        batch = self.args.batch
+        prefix = f"cpm{uuid.uuid4().hex[:8]}"
+        self._submit(prefix, 3 * chunks * batch)
+        self._drop_queue(prefix)
+        url = self.database_url.replace("postgresql://", "postgresql+psycopg://", 1)
+        admin = create_engine(url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            tasks: dict[str, list[str]] = {}
+            for image_id, task_id in connection.execute(text(
+                "SELECT id, task_id FROM images WHERE submission_id IN (SELECT id FROM submissions WHERE label = :l) ORDER BY position"
+            ), {"l": prefix}):
+                tasks.setdefault(task_id, []).append(image_id)
+        groups = list(tasks.values())
+        variants = [
+            ("per_image", db.make_engine(self.database_url), False),
+            ("per_chunk", db.make_engine(self.database_url), True),
+            ("per_chunk_no_preping", create_engine(url, pool_pre_ping=False), True),
+        ]
+
+        def server() -> tuple[int, float]:
+            time.sleep(1.2)  # backends flush their statistics at most once a second
+            with admin.connect() as connection:
+                connection.execute(text("SELECT pg_stat_clear_snapshot()"))
+                xacts = connection.execute(text(
+                    "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = :d"), {"d": self.db_name}).scalar()
+                pids = [r[0] for r in connection.execute(text(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = :d AND pid <> pg_backend_pid()"), {"d": self.db_name})]
+            return int(xacts), sum(_cpu_seconds(pid) or 0.0 for pid in pids)
+
+        results = {}
+        for index, (name, engine, batched) in enumerate(variants):
+            sessions = sessionmaker(engine)
+            counts = Counter()
+            event.listen(engine, "begin", lambda *_: counts.update(["tx"]))
+            event.listen(engine, "before_cursor_execute", lambda *_a: counts.update(["statements"]))
+            claims = [
+                lifecycle.claim(sessions, ids, worker="micro", lease_seconds=600, max_attempts=3)
+                for ids in groups[index * chunks:(index + 1) * chunks]
+            ]
+            with engine.connect():
+                pass  # the backend exists before the first sample
+            counts.clear()
+            xacts0, cpu0 = server()
+            cpu_started, started = time.thread_time(), time.perf_counter()
+            recorded = 0
+            for claim in claims:
+                values = [
+                    {"id": image.id, "key": f"images/{image.submission_id}/{image.id}.png", "gpu": 0.16, "tokens": 5,
+                     "truncated": False, "path": "/models/sd15", "info": json.dumps({"model_hash": "0123456789", "batch_size": batch})}
+                    for image in claim.images
+                ]
+                if batched:
+                    recorded += len(_record_chunk(sessions, claim.token, values))
+                else:
+                    for v in values:
+                        recorded += lifecycle.record_success(
+                            sessions, claim.token, v["id"], storage_key=v["key"], gpu_seconds=v["gpu"],
+                            prompt_tokens=v["tokens"], prompt_truncated=v["truncated"], model_path=v["path"],
+                            info=json.loads(v["info"]),
+                        )
+            cpu, wall = time.thread_time() - cpu_started, time.perf_counter() - started
+            xacts1, cpu1 = server()
+            per = max(1, recorded)
+            results[name] = {
+                "images": recorded,
+                "client_cpu_ms_per_image": round(1000 * cpu / per, 3),
+                "wall_ms_per_image": round(1000 * wall / per, 3),
+                "client_transactions_per_image": round(counts["tx"] / per, 3),
+                "statements_per_image": round(counts["statements"] / per, 3),
+                "server_transactions_per_image": round((xacts1 - xacts0) / per, 3),
+                "server_cpu_ms_per_image": round(1000 * (cpu1 - cpu0) / per, 3),
+            }
+            engine.dispose()
+        admin.dispose()
+        return results
 
     def _drop_queue(self, prefix: str) -> None:
         """Delete this level's queue (and its bindings); the rest of the Redis db is left alone."""
@@ -780,6 +893,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis-url", default=REDIS)
     parser.add_argument("--s3-endpoint", default="", help="an S3 endpoint (default: a moto_server started here)")
     parser.add_argument("--keep", action="store_true", help="keep the fresh database")
+    parser.add_argument("--micro-record", type=int, default=0, metavar="CHUNKS",
+                        help="only compare recording CHUNKS chunks per image vs per chunk (the proposed fix), then exit")
     parser.add_argument("--profile-dir", default="", help="py-spy each worker process during the window (collapsed stacks here)")
     parser.add_argument("--py-spy", default="", help="the py-spy binary (default: on PATH)")
     # worker-process role (internal)
@@ -792,8 +907,18 @@ def main(argv: list[str] | None = None) -> None:
         worker_process(args)
         return
 
-    levels = [int(n) for n in args.workers.split(",") if n.strip()]
     bench = Bench(args)
+    if args.micro_record:
+        try:
+            bench.setup()
+            results = bench.micro_record(args.micro_record)
+        finally:
+            bench.close()
+        for name, row in results.items():
+            print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+        print(json.dumps({"micro_record": results, "batch": args.batch, "load": Path("/proc/loadavg").read_text().split()[:3]}))
+        return
+    levels = [int(n) for n in args.workers.split(",") if n.strip()]
     rows = []
     started = time.monotonic()
     try:
