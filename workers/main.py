@@ -22,6 +22,7 @@ from farm.settings import Settings
 from workers.consumption import install as install_poison_guard
 from workers.context import WorkerContext
 from workers.tasks import register
+from workers.training.task import register as register_training
 
 
 #: At a warm shutdown, seconds a pool process waits for its pending uploads (then their leases run
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     context = WorkerContext(settings=settings, model_name=args.model, device=args.device, node=args.name)
     app = make_celery(settings)
     register(app, context)
+    register_training(app, context)  # farm.train_lora: LoRA training jobs (workers.training)
     # a message that cannot be decoded or validated is kept aside as a dead letter and acked, never a
     # consumer crash or a restart loop (workers.consumption; `farm dead-letters`)
     install_poison_guard(app, settings)
