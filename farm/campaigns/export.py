@@ -6,8 +6,12 @@
   (parameters) per image, plus ``DEST/manifest.jsonl`` listing what each shard holds.
 
 DEST is a folder or an ``s3://bucket/prefix``. Export streams (one image in memory at a time, shards
-spooled to a temporary file) and can run while the campaign renders: it takes finished images only,
+spooled to a temporary file) and can run while the campaign renders: it takes succeeded images only,
 and a later run adds only what an earlier one did not export.
+
+Safety (``workers.finishing.safety``): images the checker withheld (status ``filtered``, policy
+``drop``) have no PNG and are left out; every exported row carries ``safety`` (the policy asked),
+``flagged`` and ``safety_verdict`` (scores, checker, action), so a dataset can be filtered further.
 """
 
 from __future__ import annotations

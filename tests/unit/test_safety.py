@@ -162,6 +162,9 @@ def test_submit_refuses_a_check_the_farm_cannot_make_with_one_clear_line(embedde
         "error: requests.jsonl line 1: safety='drop' is invalid: needs a safety checker and this farm has none: set "
         "FARM_SAFETY_CHECKER to the checker's folder (on the submitters and the workers), or use safety=off"
     ]
+    result = farm_cli("submit", "--prompt", "a red cube", "--model", "tiny", "--safety", "blur")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "safety='blur' is invalid: needs a safety checker and this farm has none" in result.stderr
 
 
 def test_a_request_may_only_be_stricter_than_the_farm(farm_settings, tmp_path, make_request) -> None:
