@@ -48,7 +48,10 @@ def _stats(values: list[float]) -> dict:
         return {}
     ordered = sorted(values)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"p50": round(statistics.median(ordered), 4), "p95": round(pick(0.95), 4), "max": round(ordered[-1], 4)}
+    return {
+        "p50": round(statistics.median(ordered), 4), "p95": round(pick(0.95), 4), "p99": round(pick(0.99), 4),
+        "max": round(ordered[-1], 4),
+    }
 
 
 async def _fire(client: httpx.AsyncClient, n: int, method: str, path: str, body: dict) -> tuple[list[float], list, float, list]:
