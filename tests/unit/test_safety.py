@@ -302,3 +302,44 @@ def test_a_worker_without_a_checker_fails_the_image_and_stores_nothing(farm_sett
         assert not farm.services.storage.exists(image_key(row.submission_id, row.id))
     assert row.status == "failed" and row.storage_key is None
     assert row.error.startswith("SafetyCheckerAbsent: this worker has no safety checker: set FARM_SAFETY_CHECKER")
+
+
+def test_the_finisher_screens_before_storing(memory_storage) -> None:
+    """Without a database: a dropped image is recorded with no key and its reason, a checked one with
+    its verdict after its upload, one whose check cannot run is failed for good (never stored), and
+    a failure to record a dropped image gives it back."""
+    from workers.finishing.finisher import Finisher, Item
+    from workers.finishing.safety import Screened, SafetyCheckerAbsent
+    from workers.finishing.uploader import Uploader
+
+    recorded, failed, given_back = {}, {}, []
+
+    def screen(body: bytes) -> Screened:
+        if body == b"drop":
+            return Screened(None, {"flagged": True}, "filtered by the safety checker")
+        if body == b"absent":
+            raise SafetyCheckerAbsent("this worker has no safety checker")
+        return Screened(body + b"-checked", {"flagged": False})
+
+    def record(token, image_id, key, values):
+        if image_id == "unrecordable":
+            raise ConnectionError("database away")
+        recorded[image_id] = (key, memory_storage.exists(key) if key else None, dict(values))
+        return True
+
+    finisher = Finisher(Uploader(memory_storage, workers=2), record=record, renew=lambda tokens: None, renew_every=60)
+    finisher.screen = screen
+    finisher.fail = lambda token, image_id, error: failed.setdefault(image_id, error) is not None
+    handoff = finisher.hand_off("t", [
+        Item(image_id=name, key=f"images/s/{name}.png", make=lambda body=body: body, values={"gpu_seconds": 1.0})
+        for name, body in (("kept", b"png"), ("dropped", b"drop"), ("absent", b"absent"), ("unrecordable", b"drop"))
+    ], give_back=lambda ids, error: given_back.append((ids, str(error))))
+    assert handoff.wait(30) and finisher.close(timeout=30)
+
+    assert recorded["kept"] == ("images/s/kept.png", True, {"gpu_seconds": 1.0, "flagged": False})
+    assert memory_storage.get("images/s/kept.png") == b"png-checked"
+    assert recorded["dropped"] == (None, None, {"gpu_seconds": 1.0, "flagged": True, "filtered": "filtered by the safety checker"})
+    assert failed == {"absent": "SafetyCheckerAbsent: this worker has no safety checker"}
+    assert given_back == [(["unrecordable"], "database away")]
+    assert memory_storage.keys() == ["images/s/kept.png"]
+    assert sorted(handoff.recorded) == ["absent", "dropped", "kept"] and handoff.failed == ["unrecordable"]
