@@ -272,3 +272,22 @@ def test_a_worker_renders_two_jobs_in_one_batch_each_as_alone(
         stored = _pixels(memory_storage.get(image_key(row.submission_id, row.id)))
         expected = np.asarray(alone.images[0].image.convert("RGB"), dtype=np.int16)
         assert np.abs(stored - expected).max() <= 1
+
+
+def test_a_large_campaign_is_looked_through_in_a_bounded_window_and_nothing_lower_jumps_it(
+    sessions, submit, monkeypatch
+) -> None:
+    """Each campaign is read through at most TOP_UP_CAMPAIGN_SCAN queued rows (a claim's cost stays
+    bounded); a campaign whose window may hide more of the key ends the search, so lower-priority
+    work never goes ahead of higher-priority work it did not look at."""
+    monkeypatch.setattr(lifecycle, "TOP_UP_CAMPAIGN_SCAN", 3)
+    [own] = submit()
+    urgent_other_key = submit(3, campaign_priority=1, age=100, steps=5)
+    low_same_key = submit(3, campaign_priority=8, age=100)
+    got = _claim(sessions, [own])
+    assert got.topped_up == []
+    assert {row.status for row in _rows(sessions, urgent_other_key + low_same_key).values()} == {"queued"}
+
+    monkeypatch.setattr(lifecycle, "TOP_UP_CAMPAIGN_SCAN", 100)  # the whole campaign seen: none of the key
+    [own] = submit()
+    assert _claim(sessions, [own]).topped_up == low_same_key
