@@ -641,30 +641,39 @@ class Bench:
             ("per_chunk_no_preping", create_engine(url, pool_pre_ping=False), True),
         ]
 
-        def server() -> tuple[int, float]:
-            time.sleep(1.2)  # backends flush their statistics at most once a second
+        def backend_cpu() -> float:
             with admin.connect() as connection:
-                connection.execute(text("SELECT pg_stat_clear_snapshot()"))
-                xacts = connection.execute(text(
-                    "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = :d"), {"d": self.db_name}).scalar()
                 pids = [r[0] for r in connection.execute(text(
                     "SELECT pid FROM pg_stat_activity WHERE datname = :d AND pid <> pg_backend_pid()"), {"d": self.db_name})]
-            return int(xacts), sum(_cpu_seconds(pid) or 0.0 for pid in pids)
+            return sum(_cpu_seconds(pid) or 0.0 for pid in pids)
+
+        def server_xacts() -> int:
+            # a backend flushes its statistics when it goes idle (at most once a second) or exits:
+            # read after the engines measured are disposed
+            time.sleep(1.0)
+            with admin.connect() as connection:
+                connection.execute(text("SELECT pg_stat_clear_snapshot()"))
+                return int(connection.execute(text(
+                    "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = :d"), {"d": self.db_name}).scalar())
 
         results = {}
         for index, (name, engine, batched) in enumerate(variants):
+            claim_engine = db.make_engine(self.database_url)  # claims outside the measured engine
+            claims, claim_ms = [], []
+            for ids in groups[index * chunks:(index + 1) * chunks]:
+                claim_started = time.perf_counter()
+                claims.append(lifecycle.claim(sessionmaker(claim_engine), ids, worker="micro", lease_seconds=600, max_attempts=3))
+                claim_ms.append(1000 * (time.perf_counter() - claim_started))
+            claim_ms.sort()
+            claim_engine.dispose()
             sessions = sessionmaker(engine)
             counts = Counter()
             event.listen(engine, "begin", lambda *_: counts.update(["tx"]))
             event.listen(engine, "before_cursor_execute", lambda *_a: counts.update(["statements"]))
-            claims = [
-                lifecycle.claim(sessions, ids, worker="micro", lease_seconds=600, max_attempts=3)
-                for ids in groups[index * chunks:(index + 1) * chunks]
-            ]
             with engine.connect():
                 pass  # the backend exists before the first sample
             counts.clear()
-            xacts0, cpu0 = server()
+            xacts0, cpu0 = server_xacts(), backend_cpu()
             cpu_started, started = time.thread_time(), time.perf_counter()
             recorded = 0
             for claim in claims:
@@ -683,7 +692,9 @@ class Bench:
                             info=json.loads(v["info"]),
                         )
             cpu, wall = time.thread_time() - cpu_started, time.perf_counter() - started
-            xacts1, cpu1 = server()
+            cpu1 = backend_cpu()
+            engine.dispose()
+            xacts1 = server_xacts()
             per = max(1, recorded)
             results[name] = {
                 "images": recorded,
@@ -693,8 +704,9 @@ class Bench:
                 "statements_per_image": round(counts["statements"] / per, 3),
                 "server_transactions_per_image": round((xacts1 - xacts0) / per, 3),
                 "server_cpu_ms_per_image": round(1000 * (cpu1 - cpu0) / per, 3),
+                "claim_ms_p50_alone": round(claim_ms[len(claim_ms) // 2], 2),
+                "claim_ms_p99_alone": round(claim_ms[min(len(claim_ms) - 1, int(len(claim_ms) * 0.99))], 2),
             }
-            engine.dispose()
         admin.dispose()
         return results
 
