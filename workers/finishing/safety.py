@@ -194,6 +194,10 @@ class Screened:
     filtered: str | None = None
 
 
+#: What a policy does with a flagged image (``flag``, and any unflagged image: ``kept``).
+_ACTIONS = {"blur": "blurred", "drop": "dropped"}
+
+
 class Screen:
     """Applies each image's safety policy to its encoded PNG (see the module docstring).
 
@@ -223,7 +227,7 @@ class Screen:
         image = Image.open(io.BytesIO(body))
         image.load()
         [verdict] = checker.check([image])
-        action = ("dropped" if policy == "drop" else "blurred" if policy == "blur" else "kept") if verdict.flagged else "kept"
+        action = _ACTIONS.get(policy, "kept") if verdict.flagged else "kept"
         record = {"policy": policy, "flagged": verdict.flagged, "checker": checker.name, "scores": verdict.scores, "action": action}
         values = {"flagged": verdict.flagged, "safety": record}
         if action == "dropped":
