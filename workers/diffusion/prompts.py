@@ -410,10 +410,9 @@ def encode_prompts(
         empty_parts = found.get("") if emb_key == () and "" in found else cache.get(empty_key)
         missing = [text for text, parts in found.items() if parts is None]
         if missing or empty_parts is None:
-            fresh = _encode_texts(pipe, missing, clip_skip, embeddings)
-            empty_z = fresh.pop()
+            fresh = _encode_texts(pipe, missing, clip_skip, embeddings, with_empty=empty_parts is None)
             if empty_parts is None:
-                empty_parts = [empty_z.clone()]
+                empty_parts = [fresh.pop().clone()]
                 cache.put(empty_key, empty_parts)
             for text, parts in zip(missing, fresh):
                 parts = [p.clone() for p in parts]  # not views of the batch's output
@@ -427,9 +426,9 @@ def encode_prompts(
     return stacked[: len(prompts)], stacked[len(prompts) :]
 
 
-def _encode_texts(pipe, texts: Sequence[str], clip_skip: int, embeddings: Any) -> list[list[torch.Tensor]]:
-    """Each text's windows through the text encoder (one call for all), emphasis applied; the last
-    item is ``[the empty window]``, what shorter texts are padded with."""
+def _encode_texts(pipe, texts: Sequence[str], clip_skip: int, embeddings: Any, *, with_empty: bool = True) -> list:
+    """Each text's windows through the text encoder (one call for all), emphasis applied; with
+    ``with_empty``, a last item: the empty window's encoding, what shorter texts are padded with."""
     per_text = [windows(pipe, text, embeddings=embeddings) for text in texts]
     rows: list[list[int]] = []
     row_weights: list[list[float]] = []
@@ -438,8 +437,9 @@ def _encode_texts(pipe, texts: Sequence[str], clip_skip: int, embeddings: Any) -
             ids, weights = _window_ids(pipe.tokenizer, window)
             rows.append(ids)
             row_weights.append(weights)
-    empty_ids, _ = _window_ids(pipe.tokenizer, Window())
-    rows.append(empty_ids)  # the padding window, encoded with the rest
+    if with_empty:
+        empty_ids, _ = _window_ids(pipe.tokenizer, Window())
+        rows.append(empty_ids)  # the padding window, encoded with the rest
 
     with torch.no_grad():
         z = _encode(pipe, torch.tensor(rows, dtype=torch.long, device=pipe.text_encoder.device), clip_skip)
@@ -451,5 +451,6 @@ def _encode_texts(pipe, texts: Sequence[str], clip_skip: int, embeddings: Any) -
             parts.append(_emphasis(z[row], row_weights[row]))
             row += 1
         out.append(parts)
-    out.append(z[-1])
+    if with_empty:
+        out.append(z[-1])
     return out
