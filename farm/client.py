@@ -110,7 +110,7 @@ class Submission:
     def wait(
         self, timeout: float | None = None, *, progress: bool = False, poll_interval: float = 0.5
     ) -> SubmissionStatus:
-        """Block until every image finished (succeeded, failed or canceled); return the final status.
+        """Block until every image finished (succeeded, failed, canceled or filtered); return the final status.
 
         With ``progress``, a bar advances by denoising steps (images × steps) as the workers render.
         Raises :class:`~farm.errors.WaitTimeout` when ``timeout`` seconds pass first.

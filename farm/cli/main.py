@@ -139,7 +139,7 @@ def status(submission_id):
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit 2).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def wait(submission_id, timeout, progress):
-    """Wait until every image finished; exit 0 only when every image succeeded."""
+    """Wait until every image finished; exit 0 only when each succeeded (or was filtered: safety=drop)."""
     with open_farm() as farm:
         final = farm.submission(submission_id).wait(timeout=timeout, progress=progress)
     click.echo(str(final))
