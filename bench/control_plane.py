@@ -711,11 +711,23 @@ class Bench:
         return results
 
     def _drop_queue(self, prefix: str) -> None:
-        """Delete this level's queue (and its bindings); the rest of the Redis db is left alone."""
-        keys = list(self.redis.scan_iter(match=f"{prefix}*", count=1000))
-        keys += list(self.redis.scan_iter(match=f"_kombu.binding.{prefix}*", count=1000))
+        """Delete this level's queue, its bindings and its messages left unacked by the killed workers;
+        the rest of the Redis db is left alone (``prefix`` is random)."""
+        keys = list(self.redis.scan_iter(match=f"*{prefix}*", count=1000))
         if keys:
             self.redis.delete(*keys)
+        mine = []
+        for tag, value in self.redis.hscan_iter("unacked", count=1000):
+            try:
+                routing_key = json.loads(value)[2]
+            except (ValueError, IndexError, TypeError):
+                continue
+            if str(routing_key).startswith(prefix):
+                mine.append(tag)
+        for start in range(0, len(mine), 500):
+            part = mine[start:start + 500]
+            self.redis.hdel("unacked", *part)
+            self.redis.zrem("unacked_index", *part)
 
     def _snapshot(self, stats_dir: Path, index: int) -> dict:
         try:
