@@ -76,6 +76,7 @@ def _rows(sessions, ids) -> dict[str, ImageRecord]:
 
 def test_two_compatible_single_image_jobs_share_one_claim(sessions, submit) -> None:
     [a], [b] = submit(prompt="a red cube"), submit(prompt="a blue cone")
+    task_of_b = _rows(sessions, [b])[b].task_id
     got = _claim(sessions, [a])
     assert [image.id for image in got.images] == [a, b]  # the task's own first
     assert got.topped_up == [b]
@@ -99,6 +100,13 @@ def test_two_compatible_single_image_jobs_share_one_claim(sessions, submit) -> N
     assert lifecycle.release(sessions, got.token) == 1  # a goes back; b is done
     rows = _rows(sessions, [a, b])
     assert rows[a].status == "queued" and rows[b].status == "succeeded"
+    assert rows[b].task_id == task_of_b  # handed back or swept, an image goes out under its own task
+
+
+def test_the_setting_is_on_by_default_and_farm_top_up_0_turns_it_off(farm_settings, monkeypatch) -> None:
+    assert Settings(data_dir=farm_settings.data_dir).top_up is True
+    monkeypatch.setenv("FARM_TOP_UP", "0")
+    assert Settings(data_dir=farm_settings.data_dir).top_up is False
 
 
 def test_without_top_up_a_claim_takes_its_task_only(sessions, submit) -> None:
