@@ -326,6 +326,8 @@ def worker_process(args: argparse.Namespace) -> None:
         ctx._storage.client.meta.events.register("before-call.s3", count_s3)
         ctx.finisher  # noqa: B018 - uploader threads, spool folder: built now, not in the first task
         contexts.append(ctx)
+    if args.prototype_fixes:
+        _install_prototype_fixes(contexts, stats, cpu_of)
     proxy = _ThreadContexts(settings, contexts)
 
     app = make_celery(settings)
@@ -348,6 +350,83 @@ def worker_process(args: argparse.Namespace) -> None:
         f"--hostname=sim{args.index}@bench", "--loglevel=WARNING", "--without-gossip", "--without-mingle",
         "--task-events",
     ])
+
+
+def _install_prototype_fixes(contexts: list, stats: _Stats, cpu_of) -> None:
+    """``--prototype-fixes``: the two proposed changes, prototyped here (files owned elsewhere are not
+    touched): (1) a hand-off's uploaded images are recorded together, one transaction per chunk
+    (``_record_chunk``), once every image of the hand-off is uploaded or otherwise settled; (2) no
+    ``report_progress`` UPDATE within a chunk (``workers.tasks.PROGRESS_REPORT_EVERY`` = ∞; the lease
+    heartbeat stays). Outcomes stay as the finisher defines them: recorded, lost (claim gone), failed."""
+    import workers.tasks as tasks_module
+    from farm.retrying import until_deadline
+    from workers.finishing.finisher import Finisher
+
+    tasks_module.PROGRESS_REPORT_EVERY = float("inf")
+    lock = threading.Lock()
+    resolve = Finisher._resolve
+    record_chunk = cpu_of("db_record", _record_chunk)
+
+    def deferred_record(ctx):
+        pending = ctx._bench_pending = {}
+
+        def record(token, image_id, key, values):  # the write happens for the whole hand-off
+            with lock:
+                pending[(token, image_id)] = (key, values)
+            return True
+
+        return record
+
+    def flush(finisher, handoff, held) -> None:
+        ctx = finisher._bench_ctx
+        rows = []
+        with lock:
+            for item in held:
+                key, values = ctx._bench_pending.pop((handoff.token, item.image_id))
+                rows.append({
+                    "id": item.image_id, "key": key, "gpu": values.get("gpu_seconds"), "tokens": values.get("prompt_tokens"),
+                    "truncated": values.get("prompt_truncated"), "path": values.get("model_path"),
+                    "info": json.dumps(values.get("info")),
+                })
+        try:
+            recorded = set(until_deadline(
+                lambda: record_chunk(ctx.sessions, handoff.token, rows),
+                deadline_seconds=ctx.settings.infra_deadline_seconds, what="record a chunk",
+            ))
+        except Exception as exc:  # noqa: BLE001 - as a failed record: given back
+            for item in held:
+                resolve(finisher, handoff, item, "failed", exc)
+            return
+        stats.add("recorded", len(recorded))
+        stats.add("record_lost", len(held) - len(recorded))
+        for item in held:
+            resolve(finisher, handoff, item, "recorded" if item.image_id in recorded else "lost")
+
+    def patched_resolve(self, handoff, item, outcome, error=None):
+        ctx = getattr(self, "_bench_ctx", None)
+        if ctx is None:
+            return resolve(self, handoff, item, outcome, error)
+        with lock:
+            held = handoff.__dict__.setdefault("_bench_held", [])
+            hold = outcome == "recorded" and (handoff.token, item.image_id) in ctx._bench_pending and item not in held
+            if hold:
+                held.append(item)
+        if not hold:
+            resolve(self, handoff, item, outcome, error)
+        with lock:
+            ready = (
+                held and not handoff.__dict__.get("_bench_flushed")
+                and len(held) + len(handoff._state) >= len(handoff.items)
+            )
+            if ready:
+                handoff._bench_flushed = True
+        if ready:
+            flush(self, handoff, list(held))
+
+    Finisher._resolve = patched_resolve
+    for ctx in contexts:
+        ctx.finisher.record = deferred_record(ctx)
+        ctx.finisher._bench_ctx = ctx
 
 
 # -- the bench driver --------------------------------------------------------------------------------
@@ -505,7 +584,7 @@ class Bench:
                 workers.append(subprocess.Popen(
                     [sys.executable, __file__, "--role", "worker", "--index", str(index), "--threads", str(count),
                      "--stats", str(stats_dir / f"worker-{index}.json"), "--batch-seconds", str(args.batch_seconds),
-                     "--db-pool", str(args.db_pool)],
+                     "--db-pool", str(args.db_pool)] + (["--prototype-fixes"] if args.prototype_fixes else []),
                     env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 ))
             started = time.monotonic()
@@ -917,6 +996,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis-url", default=REDIS)
     parser.add_argument("--s3-endpoint", default="", help="an S3 endpoint (default: a moto_server started here)")
     parser.add_argument("--keep", action="store_true", help="keep the fresh database")
+    parser.add_argument("--prototype-fixes", action="store_true",
+                        help="run the workers with the proposed fixes prototyped: one record transaction per chunk, no progress records")
     parser.add_argument("--micro-record", type=int, default=0, metavar="CHUNKS",
                         help="only compare recording CHUNKS chunks per image vs per chunk (the proposed fix), then exit")
     parser.add_argument("--profile-dir", default="", help="py-spy each worker process during the window (collapsed stacks here)")
@@ -970,6 +1051,7 @@ def main(argv: list[str] | None = None) -> None:
         "batch_seconds": args.batch_seconds,
         "batch": args.batch,
         "image_size": args.size,
+        "prototype_fixes": args.prototype_fixes,
         "seconds": round(time.monotonic() - started, 1),
         "rows": rows,
     }))
