@@ -231,3 +231,25 @@ def test_the_store_is_bounded_and_refuses_a_wrong_width(model):
     wide = _register(model, save({"emb_params": np.zeros((1, 768), np.float32)}))
     with pytest.raises(EmbeddingError, match="width 768; this model's text encoder takes 32"):
         model.embeddings.activate([("wide", wide)])
+
+
+def test_the_worker_fetches_embeddings_through_its_disk_cache(tmp_path, memory_storage):
+    import hashlib
+
+    from farm.errors import RenderError
+    from farm.settings import Settings
+    from farm.storage.keys import content_key
+    from workers.context import WorkerContext
+    from workers.diffusion.embeddings import EmbeddingError, EmbeddingStore
+
+    data = save({"emb_params": np.ones((2, 32), np.float32)})
+    sha = hashlib.sha256(data).hexdigest()
+    memory_storage.put(content_key("embeddings", sha, "safetensors"), data, content_type="application/octet-stream")
+    ctx = WorkerContext(Settings(data_dir=tmp_path / "data"), model_name="tiny", device="cpu")
+    ctx._storage = memory_storage
+    assert ctx._embedding_bytes(sha) == data
+    assert (tmp_path / "data" / "cache" / "embeddings" / f"{sha}.safetensors").read_bytes() == data
+    store = EmbeddingStore(object(), fetch=ctx._embedding_bytes)
+    with pytest.raises(EmbeddingError, match="cannot be fetched") as caught:
+        store.activate([("gone", "0" * 64)])
+    assert isinstance(caught.value, RenderError)  # the batch's images fail with the reason, not the worker

@@ -31,15 +31,16 @@ from typing import Any
 
 import torch
 
-from farm.errors import FarmError
+from farm.errors import FarmError, RenderError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EmbeddingError", "EmbeddingStore", "TokenEmbeddings", "parse_embedding"]
 
 
-class EmbeddingError(FarmError):
-    """An embedding cannot be used by this worker's model (missing, damaged, wrong width)."""
+class EmbeddingError(RenderError):
+    """An embedding cannot be used by this worker's model (missing, damaged, wrong width): a
+    :class:`~farm.errors.RenderError`, so the batch's images fail with this reason, not the worker."""
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,8 @@ class EmbeddingStore:
     def _load(self, sha: str) -> torch.Tensor:
         try:
             data = self.fetch(sha)
-        except FarmError as exc:
-            raise EmbeddingError(f"embedding {sha} cannot be fetched: {exc}") from exc
+        except (FarmError, KeyError, OSError) as exc:  # missing from storage, damaged, storage away
+            raise EmbeddingError(f"embedding {sha} cannot be fetched: {type(exc).__name__}: {exc}") from exc
         vectors = parse_embedding(data, f"embedding {sha[:12]}")
         width = self._matrix().weight.shape[1]
         if vectors.shape[1] != width:
