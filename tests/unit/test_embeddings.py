@@ -253,3 +253,55 @@ def test_the_worker_fetches_embeddings_through_its_disk_cache(tmp_path, memory_s
     with pytest.raises(EmbeddingError, match="cannot be fetched") as caught:
         store.activate([("gone", "0" * 64)])
     assert isinstance(caught.value, RenderError)  # the batch's images fail with the reason, not the worker
+
+
+def test_submit_to_worker_end_to_end(tmp_path, tiny_model, monkeypatch, make_request):
+    """Registered and submitted on the light side, rendered by ``workers.tasks.run_render``: the stored
+    image is the one the spec's embedding makes, not the plain words'."""
+    import io
+    import uuid
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from farm import Farm, embeddings
+    from farm.request.spec import ImageSpec
+    from farm.settings import Settings
+    from farm.storage.keys import image_key
+    from workers import tasks
+    from workers.context import WorkerContext
+    from workers.diffusion.pipeline import load_pipeline
+    from workers.diffusion.render import render_batch
+
+    for name in [name for name in __import__("os").environ if name.startswith("FARM_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(data_dir=tmp_path / "data", models={"tiny": str(tiny_model)}, max_batch_size=8, upload_retries=0)
+    monkeypatch.setattr(tasks, "publish_images", lambda *a, **k: None)
+    with Farm(settings) as farm:
+        path = tmp_path / "glow.safetensors"
+        path.write_bytes(_tiny_a1111(3, seed=77))
+        record = embeddings.add(farm.services, path, "glow")
+        submission = farm.submit_many([make_request(prompt="a red circle, (glow:1.2)", seed=3)])
+        with farm.sessions() as session:
+            (row,) = session.scalars(select(ImageRecord).where(ImageRecord.submission_id == submission.id)).all()
+        assert row.params["embeddings"] == [{"name": "glow", "sha256": record.sha256}]
+
+        model = load_pipeline("tiny", str(tiny_model), models_dir=tiny_model.parent, device="cpu")
+        ctx = WorkerContext(settings=settings, model_name="tiny", device="cpu")
+        ctx._sessions, ctx._storage, ctx._model = farm.sessions, farm.storage, model
+        ctx._attach_text_caches(model)
+        app = SimpleNamespace(conf=SimpleNamespace(worker_send_task_events=False))
+        task = SimpleNamespace(request=SimpleNamespace(hostname="cpu0@test", retries=0, id=str(uuid.uuid4())), app=app)
+        outcome = tasks.run_render(task, ctx, [row.id], "tiny")
+        assert ctx.finisher.wait(timeout=60)
+        assert outcome["rendered"] == 1, outcome
+        stored = np.asarray(Image.open(io.BytesIO(farm.storage.get(image_key(row.submission_id, row.id)))).convert("RGB"), np.int16)
+        spec = ImageSpec.from_params(row.params)
+        plain = render_batch(model, [ImageSpec(**{**spec.params(), "embeddings": ()})], base_scheduler_config=model.scheduler_config)
+        plain_pixels = np.asarray(plain.images[0].image.convert("RGB"), np.int16)
+        assert np.abs(stored - plain_pixels).max() > 0
+        again = render_batch(model, [spec], base_scheduler_config=model.scheduler_config)
+        assert np.abs(stored - np.asarray(again.images[0].image.convert("RGB"), np.int16)).max() <= 1
+        assert model.prompt_cache.hits >= 1  # the second render of the same prompt skipped the encoder
+        ctx.close(timeout=10)
