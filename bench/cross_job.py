@@ -1,10 +1,18 @@
 """Cross-job batching (``FARM_TOP_UP``): many single-image jobs, with and without topping up, in one run.
 
     python bench/cross_job.py [--jobs 256] [--submitters 32] [--workers 2] [--steps 10] [--size 64]
+    python bench/cross_job.py --embedded [--jobs 64 --submitters 8]          # no servers (SQLite, files)
+    python bench/cross_job.py --embedded --device cuda --full-size --jobs 64 --submitters 16
+                                   # SD1.5 architecture, random fp16 weights, 512², 25 steps, CFG 7.5
 
 Each phase gets a fresh PostgreSQL database (127.0.0.1:5432), its own queues in Redis (db 13) and
 ``--workers`` real ``farm worker --cpu`` processes on the tiny model (one torch thread each), started
-and ready before anything is submitted. Then ``--submitters`` threads, each with its own
+and ready before anything is submitted. ``--embedded``: instead, a fresh data folder per phase with the
+farm's embedded defaults (no ``FARM_DATABASE_URL``/``FARM_BROKER_URL``/``FARM_STORAGE_URL``: SQLite, kombu's
+filesystem broker, ``file://`` storage), as ``farm demo`` runs. ``--device cuda``: one ``farm worker --gpus
+all`` (one process per GPU, fp16) instead of the CPU workers. ``--full-size``: the full-size SD1.5
+architecture with random weights, built once by ``bench/gpu.py``'s ``build_sd15`` and saved as a diffusers
+folder (``--model DIR``, reused when it is there), 512², 25 steps, DPM++ 2M, CFG 7.5 unless given. Then ``--submitters`` threads, each with its own
 ``farm.Farm``, submit ``--jobs`` single-image jobs between them (same model, size, steps, scheduler and
 guidance; their own prompts and seeds) as fast as they can, and the phase ends when every image has
 succeeded. Phase one: ``FARM_TOP_UP=1`` (the default); phase two: ``FARM_TOP_UP=0`` (the behaviour
@@ -30,6 +38,8 @@ import threading
 import time
 import uuid
 from pathlib import Path
+
+import shutil
 
 from sqlalchemy import create_engine, select, text
 
@@ -57,37 +67,59 @@ def phase(args, top_up: bool, data_dir: Path) -> dict:
     from farm.db.tables import ImageRecord
     from farm.settings import Settings
 
+    phase_started = time.perf_counter()
     name = f"farm_bench_xj_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     prefix = f"benchxj{uuid.uuid4().hex[:6]}"
+    cuda = args.device.startswith("cuda")
     env = {
-        **os.environ, "PYTHONPATH": str(ROOT), "FARM_DATA_DIR": str(data_dir), "FARM_DATABASE_URL": url,
-        "FARM_BROKER_URL": REDIS, "FARM_MODELS": "tiny=builtin:tiny", "FARM_DEFAULT_MODEL": "tiny",
-        "FARM_QUEUE_PREFIX": prefix, "FARM_TORCH_THREADS": "1", "FARM_TOP_UP": "1" if top_up else "0",
-        "FARM_MAX_BATCH_SIZE": str(args.max_batch), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        k: v for k, v in os.environ.items()
+        if not (args.embedded and k in ("FARM_DATABASE_URL", "FARM_BROKER_URL", "FARM_STORAGE_URL"))
     }
+    env.update({
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "FARM_DATA_DIR": str(data_dir), "FARM_MODELS": f"{args.model_name}={args.model_location}",
+        "FARM_DEFAULT_MODEL": args.model_name, "FARM_QUEUE_PREFIX": prefix, "FARM_TOP_UP": "1" if top_up else "0",
+        "FARM_MAX_BATCH_SIZE": str(args.max_batch), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    })
+    if not cuda:
+        env["FARM_TORCH_THREADS"] = "1"
+    if args.embedded:
+        url = f"sqlite:///{data_dir / 'farm.db'}"  # what Settings.database gives with no FARM_DATABASE_URL
+        admin = None
+    else:
+        admin = create_engine(ADMIN, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        env.update({"FARM_DATABASE_URL": url, "FARM_BROKER_URL": REDIS})
     settings = Settings(**{k[5:].lower(): v for k, v in env.items() if k.startswith("FARM_")})
+    assert settings.database == url, (settings.database, url)
     processes: list[subprocess.Popen] = []
     logs: list[Path] = []
+    tag = "top-up" if top_up else "without"
     try:
         subprocess.run([sys.executable, "-m", "farm", "db", "upgrade"], env=env, check=True, capture_output=True)
-        for i in range(args.workers):
-            logs.append(data_dir / f"{prefix}-worker{i}.log")
+        if cuda:  # one farm worker: one process per GPU (the supervisor's slots), fp16
+            commands = [["--gpus", args.gpus, "--name", "xj@bench"]]
+        else:
+            commands = [["--cpu", "--name", f"xj{i}@bench"] for i in range(args.workers)]
+        for i, command in enumerate(commands):
+            logs.append(args.log_dir / f"xj-{tag}-worker{i}.log")
             with open(logs[-1], "wb") as log:
                 processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "farm", "worker", "--cpu", "--name", f"xj{i}@bench"],
+                    [sys.executable, "-m", "farm", "worker", *command],
                     env={**env, "FARM_WORKER_METRICS_PORT": str(_port())}, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True,
                 ))
-        for process, path in zip(processes, logs):
-            deadline = time.monotonic() + 300
-            while b" ready." not in path.read_bytes():
+        expected = [args.gpu_count if cuda else 1] * len(processes)  # Celery's "… ready." once per process
+        for process, path, count in zip(processes, logs, expected):
+            deadline = time.monotonic() + args.ready_timeout
+            while path.read_bytes().count(b" ready.") < count:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(path.read_text(errors="replace")[-3000:])
+                    raise SystemExit(f"worker not ready ({path}):\n" + path.read_text(errors="replace")[-3000:])
                 time.sleep(0.2)
+        ready_seconds = time.perf_counter() - phase_started
 
         farms = [Farm(settings) for _ in range(args.submitters)]
         per = [args.jobs // args.submitters + (i < args.jobs % args.submitters) for i in range(args.submitters)]
@@ -99,7 +131,8 @@ def phase(args, top_up: bool, data_dir: Path) -> dict:
             try:
                 for k in range(per[n]):
                     farms[n].submit(PROMPTS[(n + k) % len(PROMPTS)], seed=1000 * n + k, steps=args.steps,
-                                    width=args.size, height=args.size, guidance_scale=5, scheduler="dpmpp_2m", model="tiny")
+                                    width=args.size, height=args.size, guidance_scale=args.guidance,
+                                    scheduler=args.scheduler, model=args.model_name)
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
 
@@ -142,45 +175,121 @@ def phase(args, top_up: bool, data_dir: Path) -> dict:
             "images": len(rows), "succeeded": len(sizes), "seconds": round(wall, 2), "submit_seconds": round(submitted, 2),
             "images_per_s": round(len(sizes) / wall, 2), "mean_batch": round(len(sizes) / chunks, 2) if chunks else 0,
             "latency_p50_s": round(statistics.median(latency), 2), "latency_p95_s": round(_pick(latency, 0.95), 2),
-            "tasks_topped_up": topped_up, "loadavg_1m": round(load_before, 2),
+            "tasks_topped_up": topped_up, "loadavg_1m": round(load_before, 2), "ready_seconds": round(ready_seconds, 1),
         }
     finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:  # the supervisor alone: it stops its workers warmly (a group SIGTERM
+            if process.poll() is None:  # would also hit Celery's pool children mid-task)
+                process.send_signal(signal.SIGTERM)
         for process in processes:
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-        import redis
+                pass
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # whatever is left of its session
+            except ProcessLookupError:
+                pass
+        if admin is None:  # embedded: the phase's data folder (database, broker, images) goes; logs stay
+            shutil.rmtree(data_dir, ignore_errors=True)
+        else:
+            with admin.connect() as connection:
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
+            import redis
 
-        client = redis.Redis.from_url(REDIS)
-        for key in client.scan_iter(f"{prefix}*"):
-            client.delete(key)
+            client = redis.Redis.from_url(REDIS)
+            for key in client.scan_iter(f"{prefix}*"):
+                client.delete(key)
 
 
-def main() -> None:
+def build_model(folder: Path, device: str) -> float:
+    """The full-size SD1.5 architecture with random weights (``bench/gpu.py``'s ``build_sd15``: one set of
+    configs), fp16 on CUDA, saved as a diffusers folder (safetensors) for ``FARM_MODELS``. Seconds taken."""
+    started = time.perf_counter()
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from bench.gpu import build_sd15
+
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    building = folder.with_name(folder.name + ".building")
+    shutil.rmtree(building, ignore_errors=True)
+    pipe = build_sd15(device, dtype)
+    pipe.save_pretrained(building, safe_serialization=True)
+    del pipe
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    building.rename(folder)
+    return time.perf_counter() - started
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=256, help="single-image submissions")
     parser.add_argument("--submitters", type=int, default=32, help="concurrent submitting threads")
     parser.add_argument("--workers", type=int, default=2, help="farm worker --cpu processes (one torch thread each)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=8, help="FARM_MAX_BATCH_SIZE: the top-up target on CPU")
-    parser.add_argument("--timeout", type=float, default=900)
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=int, help="denoising steps (10; 25 with --full-size)")
+    parser.add_argument("--size", type=int, help="image side in px (64; 512 with --full-size)")
+    parser.add_argument("--guidance", type=float, help="CFG scale (5; 7.5 with --full-size)")
+    parser.add_argument("--scheduler", default="dpmpp_2m")
+    parser.add_argument("--max-batch", type=int, default=8, help="FARM_MAX_BATCH_SIZE: the top-up target")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds a phase may take to finish its images")
+    parser.add_argument("--ready-timeout", type=float, default=300, help="seconds a worker may take to be ready")
+    parser.add_argument("--embedded", action="store_true",
+                        help="no servers: SQLite, the filesystem broker and file storage (the farm's embedded defaults)")
+    parser.add_argument("--device", default="cpu", help="cpu (farm worker --cpu × --workers) or cuda (farm worker --gpus)")
+    parser.add_argument("--gpus", default="all", help="with --device cuda: farm worker --gpus (one process per GPU)")
+    parser.add_argument("--full-size", action="store_true",
+                        help="the full-size SD1.5 architecture, random weights (bench/gpu.py's builder) instead of tiny")
+    parser.add_argument("--model", type=Path, help="with --full-size: its diffusers folder, built there if missing")
+    parser.add_argument("--build-only", action="store_true", help="with --full-size: build the --model folder, then exit")
+    parser.add_argument("--log-dir", type=Path, help="where the workers' logs go (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    full = args.full_size
+    args.steps = args.steps or (25 if full else 10)
+    args.size = args.size or (512 if full else 64)
+    args.guidance = args.guidance if args.guidance is not None else (7.5 if full else 5.0)
+    if (args.model or args.build_only) and not full:
+        parser.error("--model and --build-only go with --full-size")
+    if args.device.startswith("cuda") and not args.embedded:
+        parser.error("--device cuda goes with --embedded")
+    return args
 
-    data_dir = Path(tempfile.mkdtemp(prefix="farm-xj-bench-"))
-    with_top_up = phase(args, True, data_dir)
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    base = Path(tempfile.mkdtemp(prefix="farm-xj-bench-"))
+    args.log_dir = (args.log_dir or base).resolve()
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    args.gpu_count = 0
+    build_seconds = None
+    if args.full_size:
+        args.model = (args.model or base / "sd15-random").resolve()
+        if not (args.model / "model_index.json").exists():
+            build_seconds = round(build_model(args.model, args.device), 1)
+            print(f"built {args.model} in {build_seconds} s", flush=True)
+        if args.build_only:
+            return {"model": str(args.model), "build_seconds": build_seconds}
+        args.model_name, args.model_location = "sd15", str(args.model)
+    else:
+        args.model_name, args.model_location = "tiny", "builtin:tiny"
+    if args.device.startswith("cuda"):
+        sys.path.insert(0, str(ROOT))
+        from farm.supervisor import detect_gpus
+
+        args.gpu_count = len(detect_gpus()) if args.gpus == "all" else len([g for g in args.gpus.split(",") if g.strip()])
+        args.workers = args.gpu_count
+
+    if args.embedded:  # a fresh data folder per phase: new SQLite database, broker folder and images
+        with_top_up = phase(args, True, base / "top-up")
+    else:
+        with_top_up = phase(args, True, base)
     print("top-up:   ", json.dumps(with_top_up), flush=True)
-    without = phase(args, False, data_dir)
+    without = phase(args, False, base / "without" if args.embedded else base)
     print("without:  ", json.dumps(without), flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    print(json.dumps({
+    report = {
         "jobs": args.jobs, "submitters": args.submitters, "workers": args.workers, "steps": args.steps, "size": args.size,
         "images_per_s": with_top_up["images_per_s"], "images_per_s_without": without["images_per_s"],
         "speedup": round(with_top_up["images_per_s"] / without["images_per_s"], 2) if without["images_per_s"] else None,
@@ -189,7 +298,16 @@ def main() -> None:
         "latency_p95_s": with_top_up["latency_p95_s"], "latency_p95_s_without": without["latency_p95_s"],
         "tasks_topped_up": with_top_up["tasks_topped_up"], "cpus": os.cpu_count(),
         "loadavg_1m": [with_top_up["loadavg_1m"], without["loadavg_1m"]], "commit": commit,
-    }))
+    }
+    if args.embedded or args.device != "cpu" or args.full_size:  # the PostgreSQL line keeps its keys as in docs
+        report.update({
+            "mode": "embedded" if args.embedded else "postgresql", "device": args.device,
+            "model": "sd15-architecture-random" if args.full_size else "builtin:tiny", "guidance": args.guidance,
+            "scheduler": args.scheduler, "max_batch": args.max_batch, "build_seconds": build_seconds,
+            "ready_seconds": [with_top_up["ready_seconds"], without["ready_seconds"]],
+        })
+    print(json.dumps(report), flush=True)
+    return report
 
 
 if __name__ == "__main__":
