@@ -271,6 +271,10 @@ class Settings(BaseSettings):
     #: size for that resolution, so single-image jobs share GPU batches. False: a task renders only
     #: its own images.
     top_up: bool = True
+    #: Per-worker cache of text-encoder outputs (by encoder state, prompt text, clip skip and
+    #: embedding set), least recently used dropped past this many bytes; 0: off. 64 MiB holds about
+    #: 550 SD1.x 77-token windows in fp16.
+    prompt_cache_bytes: int = Field(default=64 * 1024**2, ge=0)
 
     # -- LoRA ---------------------------------------------------------------------------------
     #: Worker disk cache of LoRA files: total size, and free disk space it always leaves.

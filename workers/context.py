@@ -239,14 +239,10 @@ class WorkerContext:
 
     def _attach_text_caches(self, model) -> None:
         """The prompt-embedding cache and the textual-inversion embeddings of this worker's model."""
-        import os
-
         from workers.diffusion.embeddings import EmbeddingStore
         from workers.diffusion.prompts import PromptCache
 
-        size = getattr(self.settings, "prompt_cache_bytes", None)
-        if size is None:  # FARM_PROMPT_CACHE_BYTES (0: off); 64 MiB ≈ 550 SD1.x windows in fp16
-            size = int(os.environ.get("FARM_PROMPT_CACHE_BYTES", 64 * 1024 * 1024))
+        size = self.settings.prompt_cache_bytes
         model.prompt_cache = PromptCache(max_bytes=size) if size > 0 else None
         model.embeddings = EmbeddingStore(model.pipe, fetch=self._embedding_bytes)
 
