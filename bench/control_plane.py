@@ -39,6 +39,11 @@ queue. The last line is one JSON object: ``max_images_per_s``, ``db_transactions
 ``db_transactions_per_chunk``, ``rows`` (one per N). Uses a fresh database (dropped at the end), Redis
 db 15 (``--redis-url``; only this run's keys are deleted) and a ``moto_server`` it starts, unless
 ``--database-url``/``--s3-endpoint`` are given (the integration test passes its own).
+
+``--prototype-fixes`` runs the workers with the two proposed control-plane fixes prototyped here (one
+record transaction per chunk, no progress rows within a chunk); ``--micro-record CHUNKS`` only
+compares recording per image with recording per chunk on the database; ``--profile-dir`` samples
+each worker process with py-spy during the window. Results: docs/performance.md, "Control plane at scale".
 """
 
 from __future__ import annotations
