@@ -551,6 +551,10 @@ class Bench:
         engine.dispose()
 
     def close(self) -> None:
+        if not self.args.keep:
+            import shutil
+
+            shutil.rmtree(self.tmp, ignore_errors=True)  # logs, counters, spool folders
         if self.moto is not None:
             self.moto.terminate()
             try:
@@ -1000,7 +1004,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--database-url", default="", help="an existing, empty database (default: a fresh one, dropped after)")
     parser.add_argument("--redis-url", default=REDIS)
     parser.add_argument("--s3-endpoint", default="", help="an S3 endpoint (default: a moto_server started here)")
-    parser.add_argument("--keep", action="store_true", help="keep the fresh database")
+    parser.add_argument("--keep", action="store_true", help="keep the fresh database and the run's temporary folder")
     parser.add_argument("--prototype-fixes", action="store_true",
                         help="run the workers with the proposed fixes prototyped: one record transaction per chunk, no progress records")
     parser.add_argument("--micro-record", type=int, default=0, metavar="CHUNKS",
