@@ -205,18 +205,18 @@ def phase(args, top_up: bool, data_dir: Path) -> dict:
 
 def build_model(folder: Path, device: str) -> float:
     """The full-size SD1.5 architecture with random weights (``bench/gpu.py``'s ``build_sd15``: one set of
-    configs), fp16 on CUDA, saved as a diffusers folder (safetensors) for ``FARM_MODELS``. Seconds taken."""
+    configs), built on ``device``, saved as an fp16 diffusers folder (safetensors) for ``FARM_MODELS`` (a CPU
+    worker loads it as fp32). Seconds taken."""
     started = time.perf_counter()
     sys.path.insert(0, str(ROOT))
     import torch
 
     from bench.gpu import build_sd15
 
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
     building = folder.with_name(folder.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
-    pipe = build_sd15(device, dtype)
-    pipe.save_pretrained(building, safe_serialization=True)
+    pipe = build_sd15(device, torch.float16)
+    pipe.save_pretrained(building, safe_serialization=True)  # fp16 files, 2.1 GB
     del pipe
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -259,6 +259,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
+    # `timeout` (bench/gpu_run.sh) sends SIGTERM: unwind, so each phase's finally stops its workers
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     base = Path(tempfile.mkdtemp(prefix="farm-xj-bench-"))
     args.log_dir = (args.log_dir or base).resolve()
     args.log_dir.mkdir(parents=True, exist_ok=True)
@@ -270,7 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
             build_seconds = round(build_model(args.model, args.device), 1)
             print(f"built {args.model} in {build_seconds} s", flush=True)
         if args.build_only:
-            return {"model": str(args.model), "build_seconds": build_seconds}
+            report = {"model": str(args.model), "build_seconds": build_seconds}
+            print(json.dumps(report), flush=True)
+            return report
         args.model_name, args.model_location = "sd15", str(args.model)
     else:
         args.model_name, args.model_location = "tiny", "builtin:tiny"

@@ -44,7 +44,36 @@ mkdir -p "$DEST"
 $PIP download -q --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_34_x86_64 \
-  --index-url https://pypi.org/simple -d "$DEST" "${WHEELS[@]}"
+  --index-url https://pypi.org/simple -d "$DEST" "${WHEELS[@]}" 2> >(grep -v "is ignored: it is neither" >&2)
+
+# botocore's wheel is 16 MB of models for 400+ AWS services, and the whole working tree that travels to
+# the machine must stay under 64 MiB: keep the S3 (and STS) models, the endpoint/partition/retry files.
+python3 - "$DEST" <<'PY'
+import sys, zipfile
+from pathlib import Path
+
+KEEP = {"s3", "sts"}
+for wheel in Path(sys.argv[1]).glob("botocore-*.whl"):
+    with zipfile.ZipFile(wheel) as z:
+        items = [(i, z.read(i)) for i in z.infolist()]
+
+    def kept(name: str) -> bool:
+        parts = name.split("/")
+        return not (parts[:2] == ["botocore", "data"] and len(parts) > 3 and parts[2] not in KEEP)
+
+    if all(kept(i.filename) for i, _ in items):
+        continue  # trimmed already
+    tmp = wheel.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as out:
+        for info, data in items:
+            if not kept(info.filename):
+                continue
+            if info.filename.endswith(".dist-info/RECORD"):
+                data = b"".join(l for l in data.splitlines(True) if kept(l.decode().split(",")[0]))
+            out.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
+    tmp.replace(wheel)
+    print(f"gpu_wheels: {wheel.name} trimmed to the models of {', '.join(sorted(KEEP))}")
+PY
 
 # one version of each (two stop the install there), and every pinned one present
 names=$(ls "$DEST"/*.whl | xargs -n1 basename | cut -d- -f1 | tr 'A-Z-' 'a-z_' | sort)
