@@ -3,7 +3,7 @@
 The farm: a temporary ``FARM_DATA_DIR`` (SQLite, the filesystem broker and file storage, the defaults
 when no ``FARM_*`` URL is set) and one real ``farm worker --cpu`` process rendering with the shipped
 shapes model. The blocks run in a temporary folder that holds the files they name (``prompts.csv``,
-``photo.png``, ``photo.jpg``, ``mask.png``, ``ink.safetensors``) and links to the checkout's ``.venv``
+``photo.png``, ``photo.jpg``, ``mask.png``, ``ink.safetensors``, ``style.safetensors``) and links to the checkout's ``.venv``
 and ``models``, as a user's checkout would; ``.venv/bin`` comes first on ``PATH`` (``farm`` works bare).
 
 * ``sh`` blocks run with ``bash -eu``, each in its own process.
@@ -40,7 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -147,6 +149,9 @@ def _inputs(folder: Path) -> None:
     mask = Image.new("L", (64, 64), 0)
     ImageDraw.Draw(mask).rectangle((12, 12, 51, 51), fill=255)
     mask.save(folder / "mask.png")
+    # a textual-inversion embedding for the shapes model (its text encoder is 64 wide), A1111 layout
+    save_file({"emb_params": np.random.default_rng(3).normal(0, 0.02, (2, 64)).astype(np.float32)},
+              str(folder / "style.safetensors"))
     # a small LoRA of the user's own for the shapes model (the model ships its own: loras/green)
     subprocess.run(
         [str(VENV / "bin" / "python"), "-c",
