@@ -29,13 +29,13 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import json
 from itertools import islice
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, case, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from farm.db.tables import FINISHED, CampaignRecord, ImageRecord, Status, SubmissionRecord, utcnow
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Claim", "cancel", "claim", "counts", "heartbeat", "pause", "record", "record_failure", "record_success",
+    "record_success_many",
     "release", "report_progress", "resume", "retry_failed", "steps", "submission_counts", "take_back_expired",
 ]
 
@@ -262,6 +263,26 @@ def heartbeat(sessions: sessionmaker[Session], token: str, lease_seconds: float)
         ).rowcount
 
 
+def _success_where(token: str, adopt: bool, now: Any) -> Any:
+    """Which rows a success may be recorded on: still held by claim ``token`` and running; with
+    ``adopt`` also rows nobody rendered since (queued or paused again, or running under an expired lease)."""
+    mine = and_(ImageRecord.claim_token == token, ImageRecord.status == RUNNING)
+    if adopt:
+        mine = or_(
+            mine,
+            ImageRecord.status.in_([QUEUED, Status.paused.value]),
+            and_(ImageRecord.status == RUNNING, ImageRecord.lease_expires_at < now),
+        )
+    return mine
+
+
+def _success_values(filtered: str | None, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The per-image columns a success writes: status (``succeeded``, or ``filtered`` with the
+    reason as ``error``) and ``values``."""
+    status, error = (Status.succeeded.value, None) if filtered is None else (Status.filtered.value, filtered[:4000])
+    return {"status": status, "error": error, **values}
+
+
 def record_success(
     sessions: sessionmaker[Session],
     token: str,
@@ -279,27 +300,102 @@ def record_success(
 
     ``adopt``: the image was rendered under ``token`` by an earlier process of this worker and kept in
     its spool; record it also if nobody rendered it since — it is queued again, or running under a
-    lease that has expired — so a restart after a storage outage never renders it twice."""
-    status, error = (Status.succeeded.value, None) if filtered is None else (Status.filtered.value, filtered[:4000])
+    lease that has expired — so a restart after a storage outage never renders it twice.
+
+    Many images of one claim: :func:`record_success_many` (one statement on PostgreSQL)."""
     now = utcnow()
-    mine = and_(ImageRecord.claim_token == token, ImageRecord.status == RUNNING)
-    if adopt:
-        mine = or_(
-            mine,
-            ImageRecord.status.in_([QUEUED, Status.paused.value]),
-            and_(ImageRecord.status == RUNNING, ImageRecord.lease_expires_at < now),
-        )
     with sessions.begin() as session:
         return bool(
             session.execute(
                 update(ImageRecord)
-                .where(ImageRecord.id == image_id, mine)
+                .where(ImageRecord.id == image_id, _success_where(token, adopt, now))
                 .values(
-                    status=status, finished_at=now, lease_expires_at=None, error=error,
-                    claim_token=token, publish_after=None, **values,
+                    finished_at=now, lease_expires_at=None, claim_token=token, publish_after=None,
+                    **_success_values(filtered, values),
                 )
             ).rowcount
         )
+
+
+def record_success_many(
+    sessions: sessionmaker[Session],
+    token: str,
+    images: Sequence[tuple[str, Mapping[str, Any]]],
+    *,
+    adopt: bool = False,
+) -> list[str]:
+    """:func:`record_success` for many images of claim ``token`` in ONE transaction: ``images`` are
+    ``(image_id, values)`` pairs, each ``values`` what :func:`record_success` takes as keywords
+    (``storage_key``, ``gpu_seconds``…, ``filtered``). Returns the ids recorded; the others' claim was
+    lost (canceled, or taken back and claimed again) and they are left as they are, exactly as
+    :func:`record_success` would.
+
+    On PostgreSQL one ``UPDATE … FROM (VALUES …) RETURNING id`` per set of columns (a chunk's images
+    share one set, so one statement per chunk); elsewhere (SQLite) one UPDATE per image, still one
+    transaction."""
+    if not images:
+        return []
+    now = utcnow()
+    rows = [(image_id, _success_values(dict(values).pop("filtered", None), _without(values, "filtered")))
+            for image_id, values in images]
+    recorded: list[str] = []
+    with sessions.begin() as session:
+        if session.bind.dialect.name != "postgresql":
+            for image_id, columns in rows:
+                if session.execute(
+                    update(ImageRecord)
+                    .where(ImageRecord.id == image_id, _success_where(token, adopt, now))
+                    .values(finished_at=now, lease_expires_at=None, claim_token=token, publish_after=None, **columns)
+                ).rowcount:
+                    recorded.append(image_id)
+            return recorded
+        groups: dict[tuple[str, ...], list[tuple[str, dict[str, Any]]]] = {}
+        for image_id, columns in rows:
+            groups.setdefault(tuple(sorted(columns)), []).append((image_id, columns))
+        for names, group in groups.items():
+            recorded += _update_from_values(session, token, adopt, now, names, group)
+    return recorded
+
+
+def _without(values: Mapping[str, Any], name: str) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k != name}
+
+
+def _update_from_values(
+    session: Session, token: str, adopt: bool, now: Any, names: tuple[str, ...], group: list[tuple[str, dict[str, Any]]]
+) -> list[str]:
+    """One ``UPDATE images … FROM (VALUES (id, col…), …) AS v WHERE images.id = v.id AND <held>
+    RETURNING images.id`` (PostgreSQL): each value bound with its column's type and cast to it, so a
+    column NULL in every row (or JSON) keeps its type."""
+    table = ImageRecord.__table__
+    dialect = session.bind.dialect
+    for name in names:
+        if name not in table.c or name in ("id", "claim_token"):
+            raise TypeError(f"record_success_many: {name!r} is not a column an image's success may set")
+    columns = ("id",) + names
+    rows_sql, params = [], []
+    for n, (image_id, values) in enumerate(group):
+        cells = []
+        for name in columns:
+            column = table.c[name]
+            param = f"v{n}_{name}"
+            cells.append(f"CAST(:{param} AS {column.type.compile(dialect=dialect)})")
+            params.append(bindparam(param, image_id if name == "id" else values[name], type_=column.type))
+        rows_sql.append(f"({', '.join(cells)})")
+    held = "i.claim_token = :token AND i.status = :running"
+    binds = [bindparam("token", token), bindparam("running", RUNNING), bindparam("now", now, type_=table.c.finished_at.type)]
+    if adopt:
+        held = (f"({held}) OR i.status IN (:queued, :paused) "
+                "OR (i.status = :running AND i.lease_expires_at < :now)")
+        binds += [bindparam("queued", QUEUED), bindparam("paused", Status.paused.value)]
+    assignments = ", ".join(f"{name} = v.{name}" for name in names)
+    statement = text(
+        f"UPDATE images AS i SET finished_at = :now, lease_expires_at = NULL, claim_token = :token, "
+        f"publish_after = NULL, {assignments} "
+        f"FROM (VALUES {', '.join(rows_sql)}) AS v({', '.join(columns)}) "
+        f"WHERE i.id = v.id AND ({held}) RETURNING i.id"
+    ).bindparams(*params, *binds)
+    return list(session.execute(statement).scalars())
 
 
 def record_failure(sessions: sessionmaker[Session], token: str, image_ids: Sequence[str], error: str) -> int:

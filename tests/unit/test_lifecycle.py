@@ -305,3 +305,49 @@ def test_images_that_could_not_be_stored_fail_after_max_attempts_with_the_reason
     assert last.images == [] and last.given_up == ids
     [row] = _rows(sessions, ids)
     assert row.status == "failed" and row.error == f"gave up after 3 attempts; the last one: {note}"
+
+
+def check_record_success_many(sessions, ids: list[str]) -> None:
+    """Shared with tests/integration/test_record_many_pg.py (PostgreSQL: one UPDATE … FROM VALUES)."""
+    got = _claim(sessions, ids)
+    other = _claim(sessions, [ids[3]], worker="w2")  # nothing: held by the first claim
+    assert other.images == []
+    lifecycle.cancel(sessions, ImageRecord.id == ids[2], reason="canceled meanwhile")
+    info = {"model_hash": "abc", "batch_size": 4}
+    rows = [
+        (ids[0], {"storage_key": "images/0.png", "gpu_seconds": 0.5, "prompt_tokens": 7, "prompt_truncated": False,
+                  "info": info, "flagged": False, "safety": {"policy": "flag", "scores": {"nsfw": 0.1}}}),
+        (ids[1], {"storage_key": None, "gpu_seconds": 0.5, "prompt_tokens": None, "prompt_truncated": None,
+                  "info": info, "flagged": True, "safety": {"policy": "drop"}, "filtered": "withheld by the safety checker"}),
+        (ids[2], {"storage_key": "images/2.png", "gpu_seconds": 0.5, "prompt_tokens": 7, "prompt_truncated": False,
+                  "info": info, "flagged": False, "safety": None}),
+        (ids[3], {"storage_key": "images/3.png", "gpu_seconds": 0.25}),  # another set of columns
+    ]
+    recorded = lifecycle.record_success_many(sessions, got.token, rows)
+    assert sorted(recorded) == sorted([ids[0], ids[1], ids[3]])
+    a, b, c, d = _rows(sessions, ids[:4])
+    assert (a.status, a.storage_key, a.gpu_seconds, a.prompt_tokens, a.info, a.flagged, a.safety["scores"]) == (
+        "succeeded", "images/0.png", 0.5, 7, info, False, {"nsfw": 0.1})
+    assert a.lease_expires_at is None and a.finished_at is not None and a.error is None
+    assert (b.status, b.storage_key, b.flagged, b.error) == ("filtered", None, True, "withheld by the safety checker")
+    assert (c.status, c.storage_key, c.error) == ("canceled", None, "canceled meanwhile")  # never overwritten
+    assert (d.status, d.storage_key, d.gpu_seconds, d.info) == ("succeeded", "images/3.png", 0.25, None)
+    # twice: nothing recorded again
+    assert lifecycle.record_success_many(sessions, got.token, rows[:1]) == []
+    assert lifecycle.record_success_many(sessions, got.token, []) == []
+
+
+def test_record_success_many_records_only_what_the_claim_holds(sessions, submit) -> None:
+    _, ids = submit(num_images=4)
+    check_record_success_many(sessions, ids)
+
+
+def test_record_success_many_adopts_like_record_success(sessions, submit) -> None:
+    _, ids = submit(num_images=2)
+    old = _claim(sessions, ids)
+    lifecycle.release(sessions, old.token)  # queued again, nobody rendered it since
+    assert lifecycle.record_success_many(sessions, old.token, [(ids[0], {"storage_key": "images/a.png"})]) == []
+    assert lifecycle.record_success_many(sessions, old.token, [(ids[0], {"storage_key": "images/a.png"})], adopt=True) == [ids[0]]
+    other = _claim(sessions, [ids[1]], worker="w2")  # rendered again elsewhere: never adopted
+    assert lifecycle.record_success_many(sessions, old.token, [(ids[1], {"storage_key": "images/b.png"})], adopt=True) == []
+    assert _rows(sessions, [ids[1]])[0].claim_token == other.token
