@@ -282,4 +282,15 @@ def a1111_extra(params: Any) -> dict[str, str]:
         extra["Mask blur"] = str(int(get("mask_blur", 0) or 0))
     if int(get("clip_skip", 1) or 1) > 1:
         extra["Clip skip"] = str(int(get("clip_skip")))
+    embeddings = [_pair(e) for e in get("embeddings") or ()]
+    if embeddings:  # A1111's line, so its PNG Info and civitai recognise the embeddings used
+        extra["TI hashes"] = ", ".join(f"{name}: {sha[:12]}" for name, sha in embeddings)  # quoted when written
     return extra
+
+
+def _pair(embedding: Any) -> tuple[str, str]:
+    """(name, sha256) of an embedding as an ImageSpec holds it (a pair) or its params (a dict)."""
+    if isinstance(embedding, Mapping):
+        return str(embedding["name"]), str(embedding["sha256"])
+    name, sha = embedding
+    return str(name), str(sha)

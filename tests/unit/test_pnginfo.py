@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from sd_parsers import ParserManager
 
-from farm.imaging.pnginfo import a1111_parameters, encode_png, read_png_metadata
+from farm.imaging.pnginfo import a1111_extra, a1111_parameters, encode_png, read_png_metadata
 from farm.request.spec import ImageSpec
 from farm.request.schedulers import SCHEDULERS
 
@@ -178,3 +178,16 @@ def test_read_png_metadata_rejects_non_png() -> None:
         read_png_metadata(buffer.getvalue())
     with pytest.raises(ValueError, match="not a readable image"):
         read_png_metadata(b"not an image")
+
+
+def test_embeddings_are_named_with_a1111s_ti_hashes_line() -> None:
+    sha_a, sha_b = "ab" * 32, "cd" * 32
+    extra = a1111_extra({"mode": "txt2img", "embeddings": [{"name": "easyneg", "sha256": sha_a}, {"name": "style", "sha256": sha_b}]})
+    assert extra["TI hashes"] == f"easyneg: {sha_a[:12]}, style: {sha_b[:12]}"
+    parameters = a1111_parameters(
+        {"prompt": "a cat, style", "negative_prompt": "easyneg", "steps": 4, "scheduler": "euler", "guidance_scale": 7,
+         "seed": 1, "width": 64, "height": 64},
+        model_name="tiny", model_hash=None, extra=extra,
+    )
+    assert parameters.splitlines()[-1].endswith(f'TI hashes: "easyneg: {sha_a[:12]}, style: {sha_b[:12]}"')
+    assert "TI hashes" not in a1111_extra({"mode": "txt2img", "embeddings": []})
