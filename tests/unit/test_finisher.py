@@ -13,6 +13,18 @@ from workers.finishing.finisher import Finisher, Item
 from workers.finishing.uploader import Uploader
 
 
+#: Whether the finishers below record a hand-off's images together (``record_many``, as the worker
+#: does) or one by one (``record``); every test runs both ways.
+BATCHED = {"on": False}
+
+
+@pytest.fixture(autouse=True, params=["per_image", "per_chunk"])
+def recording(request):
+    BATCHED["on"] = request.param == "per_chunk"
+    yield request.param
+    BATCHED["on"] = False
+
+
 class Store:
     """In-memory storage: ``put`` takes ``delay`` s; keys in ``fail`` always raise StorageError."""
 
@@ -40,6 +52,7 @@ class Db:
         self.records: dict[str, tuple[str, bool, dict]] = {}
         self.renewals: list[list[str]] = []
         self.given_back: list[tuple[list[str], BaseException]] = []
+        self.batches: list[list[str]] = []
 
     def record(self, token, image_id, key, values) -> bool:
         if self.broken:
@@ -48,6 +61,10 @@ class Db:
             return False
         self.records[image_id] = (token, key in self.store.objects, dict(values))
         return True
+
+    def record_many(self, token, rows) -> list[str]:
+        self.batches.append([image_id for image_id, _key, _values in rows])
+        return [image_id for image_id, key, values in rows if self.record(token, image_id, key, values)]
 
     def renew(self, tokens) -> None:
         self.renewals.append(list(tokens))
@@ -66,7 +83,9 @@ def items(prefix: str, n: int) -> list[Item]:
 
 def finisher(store: Store, db: Db, *, max_pending: int = 2, renew_every: float = 60.0, retries: int = 0) -> Finisher:
     uploader = Uploader(store, workers=4, retries=retries, backoff=lambda attempt: 0.0)
-    return Finisher(uploader, record=db.record, renew=db.renew, renew_every=renew_every, max_pending=max_pending)
+    fin = Finisher(uploader, record=db.record, renew=db.renew, renew_every=renew_every, max_pending=max_pending)
+    fin.record_many = db.record_many if BATCHED["on"] else None
+    return fin
 
 
 def test_hand_off_returns_at_once_and_each_image_is_recorded_after_its_upload() -> None:
@@ -232,6 +251,9 @@ class Rows:
     def adopt(self, token, image_id, key, values) -> bool:
         return self._record("adopt", token, image_id, key, values)
 
+    def record_many(self, token, rows) -> list[str]:
+        return [image_id for image_id, key, values in rows if self._record("record", token, image_id, key, values)]
+
     def renew(self, tokens) -> None:
         self.renewals.append(list(tokens))
 
@@ -242,8 +264,10 @@ class Rows:
 def spooling(store, rows: Rows, folder, *, max_bytes: int = 10_000, max_pending: int = 2, put_timeout=None, **kwargs) -> Finisher:
     uploader = Uploader(store, workers=4, retries=0, put_timeout=put_timeout)
     options = {"renew_every": 0.05, "retry_base": 0.02, "retry_cap": 0.1, **kwargs}
-    return Finisher(uploader, record=rows.record, adopt=rows.adopt, renew=rows.renew, max_pending=max_pending,
-                    spool=Spool(folder, max_bytes=max_bytes), **options)
+    fin = Finisher(uploader, record=rows.record, adopt=rows.adopt, renew=rows.renew, max_pending=max_pending,
+                   spool=Spool(folder, max_bytes=max_bytes), **options)
+    fin.record_many = rows.record_many if BATCHED["on"] else None
+    return fin
 
 
 def until(condition, timeout: float = 10.0) -> bool:
@@ -464,3 +488,17 @@ def test_the_same_image_spooled_again_under_a_new_claim_replaces_the_old_entry(t
     store.down = False
     assert new.wait(timeout=10) and rows.recorded == {"a0": [("adopt", "new")]}
     fin.close(timeout=5)
+
+
+def test_with_record_many_a_hand_off_is_recorded_in_one_call_after_its_last_upload(recording) -> None:
+    if recording != "per_chunk":
+        pytest.skip("record_many only")
+    store = Store(delay=0.05, fail={"images/b2.png"})
+    db = Db(store, lost={"b1"})
+    fin = finisher(store, db)
+    handoffs = [fin.hand_off("t1", items("a", 4), db.give_back), fin.hand_off("t2", items("b", 4), db.give_back)]
+    assert fin.wait(timeout=10) and fin.close(timeout=10)
+    assert sorted(map(sorted, db.batches)) == [["a0", "a1", "a2", "a3"], ["b0", "b1", "b3"]]  # one call per hand-off
+    assert all(stored for _token, stored, _values in db.records.values())  # each after its own upload
+    assert sorted(handoffs[1].recorded) == ["b0", "b3"] and handoffs[1].lost == ["b1"] and handoffs[1].failed == ["b2"]
+    assert [ids for ids, _error in db.given_back] == [["b2"]]  # the failure still per image

@@ -3,7 +3,10 @@
 A render task hands each rendered chunk to its process's :class:`Finisher` and goes on: the next
 chunk, or the next task, renders while these encode and upload on the
 :class:`~workers.finishing.uploader.Uploader`'s threads, so the GPU does not wait for the network. Each image
-is recorded (``record``) only after its own upload finished: a record never points nowhere.
+is recorded only after its own upload finished: a record never points nowhere. With ``record_many``
+(the worker's: ``lifecycle.record_success_many``) a hand-off's stored (and filtered) images are
+recorded together, one database transaction per chunk, once the last of its images is uploaded or
+otherwise settled (failed, spooled); without it, each image through ``record`` as soon as it is stored.
 
 Nothing is lost by a task returning (and being acked) before its uploads finished: its images stay
 claimed (status ``running``) until recorded, and the finisher renews their leases (``renew``) while
@@ -61,6 +64,9 @@ log = logging.getLogger("farm.worker.finisher")
 
 #: ``record(token, image_id, key, values)``: store the image's result; False if its claim was lost.
 Record = Callable[[str, str, str, Mapping[str, Any]], bool]
+#: ``record_many(token, [(image_id, key, values)…])``: store the results of many images of one claim
+#: (one transaction); returns the ids recorded (the others' claim was lost).
+RecordMany = Callable[[str, Sequence[tuple[str, "str | None", Mapping[str, Any]]]], Iterable[str]]
 #: ``renew(tokens)``: extend the leases of these claims.
 Renew = Callable[[Sequence[str]], None]
 #: ``give_back(image_ids, error)``: these images could not be finished; queue them again.
@@ -114,6 +120,9 @@ class HandOff:
         self.dropped: list[str] = []
         self.error: BaseException | None = None
         self._state: dict[int, str] = {}  # id(item) -> "spooled" | "final"
+        #: stored (or filtered), waiting to be recorded with the rest of the hand-off (``record_many``)
+        self._held: list[tuple[Item, str | None, Mapping[str, Any]]] = []
+        self._flushing = False
         self._unsettled = len(self.items)
         self._remaining = len(self.items)
         self._lock = threading.Lock()
@@ -335,12 +344,45 @@ class Finisher:
             return
         self._up.set()
         self._observe("upload", time.monotonic() - started)
-        try:
-            recorded = self.record(handoff.token, item.image_id, item.key, item.values)
-        except Exception as exc:  # the database is down: like a failed upload, give it back
-            self._resolve(handoff, item, "failed", exc)
+        self._record(handoff, item, item.key, item.values)
+
+    def _record(self, handoff: HandOff, item: Item, key: str | None, values: Mapping[str, Any]) -> None:
+        """Record a stored (or filtered) image: at once through ``record``, or with ``record_many``
+        held until the hand-off's other images settled, then recorded together (:meth:`_flush`)."""
+        if self.record_many is None:
+            try:
+                recorded = self.record(handoff.token, item.image_id, key, values)
+            except Exception as exc:  # the database is down: like a failed upload, give it back
+                self._resolve(handoff, item, "failed", exc)
+                return
+            self._resolve(handoff, item, "recorded" if recorded else "lost")
             return
-        self._resolve(handoff, item, "recorded" if recorded else "lost")
+        with handoff._lock:
+            handoff._held.append((item, key, values))
+            held = self._take_held(handoff)
+        if held:
+            self._flush(handoff, held)
+
+    @staticmethod
+    def _take_held(handoff: HandOff) -> list[tuple[Item, str | None, Mapping[str, Any]]]:
+        """(Under ``handoff._lock``) the held images, once every other image of the hand-off has an
+        outcome (or waits in the spool), for one caller only; else []."""
+        if handoff._flushing or not handoff._held or len(handoff._held) + len(handoff._state) < len(handoff.items):
+            return []
+        handoff._flushing = True
+        return list(handoff._held)
+
+    def _flush(self, handoff: HandOff, held: list[tuple[Item, str | None, Mapping[str, Any]]]) -> None:
+        """Record ``held`` (images of one hand-off) in one ``record_many`` call."""
+        assert self.record_many is not None
+        try:
+            recorded = set(self.record_many(handoff.token, [(item.image_id, key, values) for item, key, values in held]))
+        except Exception as exc:  # the database is down: like a failed upload, give them back
+            for item, _key, _values in held:
+                self._resolve(handoff, item, "failed", exc)
+            return
+        for item, _key, _values in held:
+            self._resolve(handoff, item, "recorded" if item.image_id in recorded else "lost")
 
     #: ``observe(phase, seconds)``: timings of png_encode and upload (workers.metrics); optional.
     observe: Callable[[str, float], None] | None = None
@@ -349,6 +391,9 @@ class Finisher:
     screen: Callable[[bytes], Any] | None = None
     #: how an image whose safety check could not run is failed for good; None: given back instead
     fail: Fail | None = None
+    #: how a hand-off's stored images are recorded together (one transaction per chunk); None: each
+    #: image through ``record`` (the spool's images always go one by one through ``adopt``)
+    record_many: RecordMany | None = None
 
     def _screen(self, handoff: HandOff, item: Item, body: bytes) -> bytes | None:
         """The bytes to store after the safety check (its verdict added to ``item.values``), or None
@@ -374,12 +419,7 @@ class Finisher:
             item.values = {**item.values, **screened.values}
         if screened.filtered is None:
             return screened.body
-        try:
-            recorded = self.record(handoff.token, item.image_id, None, {**item.values, "filtered": screened.filtered})
-        except Exception as exc:  # the database is down: like a failed upload, give it back
-            self._resolve(handoff, item, "failed", exc)
-            return None
-        self._resolve(handoff, item, "recorded" if recorded else "lost")
+        self._record(handoff, item, None, {**item.values, "filtered": screened.filtered})
         return None
 
     def _observe(self, phase: str, seconds: float) -> None:
@@ -445,6 +485,9 @@ class Finisher:
             if state is None:
                 handoff._unsettled -= 1
                 settle = handoff._unsettled == 0
+            held = self._take_held(handoff)
+        if held:  # this was the last image the held ones waited for: record them now
+            self._flush(handoff, held)
         if outcome == "failed":
             log.warning("image %s not finished: %s: %s", item.image_id, type(error).__name__, error)
         if late_failure:  # failed after its hand-off settled (and gave back what had failed then)
@@ -594,7 +637,8 @@ class Finisher:
 
 
 def build_finisher(
-    settings: Any, storage: Any, *, worker: str, record: Record, renew: Renew, adopt: Record | None = None
+    settings: Any, storage: Any, *, worker: str, record: Record, renew: Renew, adopt: Record | None = None,
+    record_many: RecordMany | None = None,
 ) -> Finisher:
     """The worker's finisher as ``settings`` say: an :class:`Uploader` (``upload_threads``,
     ``upload_retries``; one put bounded by about one S3 attempt's timeouts), a :class:`Spool` in
@@ -612,7 +656,7 @@ def build_finisher(
     )
     spool_bytes = int(getattr(settings, "spool_bytes", DEFAULT_SPOOL_BYTES))
     give_up = getattr(settings, "upload_deadline_seconds", DEFAULT_UPLOAD_DEADLINE_SECONDS)
-    return Finisher(
+    finisher = Finisher(
         uploader,
         record=record,
         adopt=adopt,
@@ -623,3 +667,5 @@ def build_finisher(
         retry_cap=float(getattr(settings, "spool_retry_max_seconds", DEFAULT_SPOOL_RETRY_MAX_SECONDS)),
         give_up_after=float(give_up) if give_up else None,
     )
+    finisher.record_many = record_many
+    return finisher
