@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +34,9 @@ from typing import TYPE_CHECKING, Any, Iterable
 from sqlalchemy import func, select
 
 from farm.db.tables import EmbeddingRecord, utcnow
-from farm.errors import NotFound, ValidationError
-from farm.request.text import shown, shown_path
+from farm import registry
+from farm.errors import ValidationError
+from farm.request.text import shown
 from farm.storage.keys import content_key
 
 if TYPE_CHECKING:
@@ -47,7 +46,6 @@ __all__ = [
     "EmbeddingInfo", "Matcher", "SD1_WIDTH", "add", "inspect", "listing", "matcher", "remove",
 ]
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 #: SD1.x's text encoder width (CLIP ViT-L/14).
 SD1_WIDTH = 768
 #: An embedding file larger than this is not an embedding (75 fp32 vectors of 768 are 230 kB).
@@ -84,35 +82,11 @@ def _refuse(label: Any, limit: str) -> ValidationError:
 
 def _load(source: str | Path | bytes) -> tuple[bytes, Any]:
     """``(data, label)``: the bytes of an embedding file (a regular file, read once, size-capped)."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        label: Any = f"<{len(data)} bytes>"
-    elif isinstance(source, (str, Path)):
-        label = shown_path(source)
-        path = Path(source)
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise _refuse(
-                label, "is a pickle file: farm loads safetensors only and never unpickles; convert it on a machine "
-                "you trust (load it and save its vectors with safetensors.torch.save_file({'emb_params': …}))",
-            )
-        try:
-            handle = os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
-        except FileNotFoundError:
-            raise _refuse(label, "does not exist") from None
-        except (OSError, ValueError) as exc:
-            raise _refuse(label, f"cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
-        with handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise _refuse(label, "is not a regular file")
-            if info.st_size > MAX_EMBEDDING_BYTES:
-                raise _refuse(label, f"is {info.st_size} bytes; an embedding is at most {MAX_EMBEDDING_BYTES}")
-            data = handle.read(MAX_EMBEDDING_BYTES + 1)
-    else:
-        raise _refuse(type(source).__name__, "must be a file path or bytes")
-    if len(data) > MAX_EMBEDDING_BYTES:
-        raise _refuse(label, f"is {len(data)} bytes; an embedding is at most {MAX_EMBEDDING_BYTES}")
-    return data, label
+    return registry.read_file(
+        source, field="embedding", max_bytes=MAX_EMBEDDING_BYTES, cap=" (an embedding's size cap)",
+        convert="convert it on a machine you trust (load it and save its vectors with "
+        "safetensors.torch.save_file({'emb_params': …}))",
+    )
 
 
 def _widths(services: "Services | None") -> dict[int, str]:
@@ -217,29 +191,20 @@ def add(services: "Services", source: str | Path | bytes, name: str) -> Embeddin
                 "name", name, f"is taken (by {taken!r}; names match prompts case-insensitively): "
                 "`farm embedding remove` it first, or pick another name",
             )
-    if not services.storage.exists(info.key):
-        services.storage.put(info.key, data, content_type="application/octet-stream")
     record = EmbeddingRecord(
         id=str(uuid.uuid4()), name=name, sha256=info.sha256, size=info.size, format=info.format,
         vectors=info.vectors, width=info.width, storage_key=info.key, created_at=utcnow(),
     )
-    with services.sessions.begin() as session:
-        session.add(record)
-    return record
+    return registry.register(services, info.key, data, record)
 
 
 def listing(services: "Services") -> list[EmbeddingRecord]:
-    with services.sessions() as session:
-        return list(session.scalars(select(EmbeddingRecord).order_by(EmbeddingRecord.name)))
+    return registry.listing(services, EmbeddingRecord)
 
 
 def remove(services: "Services", name: str) -> None:
     """Forget a name (the stored file stays: queued and past images name it by sha256)."""
-    with services.sessions.begin() as session:
-        record = session.scalar(select(EmbeddingRecord).where(EmbeddingRecord.name == name))
-        if record is None:
-            raise NotFound(f"no embedding named {name!r}: `farm embedding list` shows them")
-        session.delete(record)
+    registry.remove(services, EmbeddingRecord, name, what="embedding", command="farm embedding list")
 
 
 class Matcher:

@@ -12,19 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import stat
 import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from sqlalchemy import select
 
-from farm.errors import NotFound, ValidationError
-from farm.request.text import shown, shown_path, text_problem
+from farm import registry
+from farm.errors import ValidationError
+from farm.request.text import shown, text_problem
 from farm.storage.keys import content_key
 from farm.db.tables import LoraRecord, utcnow
 
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
 
 __all__ = ["LoraInfo", "add", "inspect", "listing", "parse_ref", "remove", "resolve"]
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 SD1_TABLE = Path(__file__).parent / "data" / "sd1_modules.json"
 #: A LoRA's name (``loras.name`` is varchar(128)); matched whole (``fullmatch``: ``$`` would let a
 #: trailing newline through).
@@ -162,36 +160,10 @@ def _tables(services: "Services") -> dict[str, dict[str, list[int]]]:
 
 def _load(source: str | Path | bytes, limits) -> tuple[bytes, Any]:
     """``(data, label)``: the bytes of a LoRA file (a regular file, read once, up to the size cap)."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        label: Any = f"<{len(data)} bytes>"
-    elif isinstance(source, (str, Path)):
-        label = shown_path(source)
-        path = Path(source)
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise ValidationError(
-                "lora", label, "is a pickle file: farm loads safetensors only and never unpickles; "
-                "convert it (e.g. load it yourself and save with safetensors.torch.save_file)"
-            )
-        try:  # O_NONBLOCK: a pipe must not block the open (regular files ignore it)
-            handle = os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
-        except FileNotFoundError:
-            raise ValidationError("lora", label, "does not exist") from None
-        except (OSError, ValueError) as exc:
-            raise ValidationError("lora", label, f"cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
-        with handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device or pipe"
-                raise ValidationError("lora", label, f"is {kind}, not a safetensors file")
-            if info.st_size > limits.max_lora_bytes:
-                raise ValidationError("lora", label, f"is {info.st_size} bytes; at most {limits.max_lora_bytes} (FARM_LIMITS__MAX_LORA_BYTES)")
-            data = handle.read(limits.max_lora_bytes + 1)
-    else:
-        raise ValidationError("lora", type(source).__name__, "must be a file path or bytes")
-    if len(data) > limits.max_lora_bytes:
-        raise ValidationError("lora", label, f"is {len(data)} bytes; at most {limits.max_lora_bytes} (FARM_LIMITS__MAX_LORA_BYTES)")
-    return data, label
+    return registry.read_file(
+        source, field="lora", max_bytes=limits.max_lora_bytes, cap=" (FARM_LIMITS__MAX_LORA_BYTES)",
+        convert="convert it (e.g. load it yourself and save with safetensors.torch.save_file)",
+    )
 
 
 def inspect(services: "Services", source: str | Path | bytes) -> LoraInfo:
@@ -256,29 +228,20 @@ def add(services: "Services", source: str | Path | bytes, name: str) -> LoraReco
     with services.sessions() as session:
         if session.scalar(select(LoraRecord).where(LoraRecord.name == name)) is not None:
             raise ValidationError("name", name, "is taken: `farm lora rm` it first, or pick another name")
-    if not services.storage.exists(info.key):
-        services.storage.put(info.key, data, content_type="application/octet-stream")
     record = LoraRecord(
         id=str(uuid.uuid4()), name=name, sha256=info.sha256, size=info.size, format=info.format, base=info.base,
         layers=info.layers, storage_key=info.key, created_at=utcnow(),
     )
-    with services.sessions.begin() as session:
-        session.add(record)
-    return record
+    return registry.register(services, info.key, data, record)
 
 
 def listing(services: "Services") -> list[LoraRecord]:
-    with services.sessions() as session:
-        return list(session.scalars(select(LoraRecord).order_by(LoraRecord.name)))
+    return registry.listing(services, LoraRecord)
 
 
 def remove(services: "Services", name: str) -> None:
     """Forget a name (the stored file stays: other names or past images may refer to it)."""
-    with services.sessions.begin() as session:
-        record = session.scalar(select(LoraRecord).where(LoraRecord.name == name))
-        if record is None:
-            raise NotFound(f"no LoRA named {name!r}: `farm lora list` shows them")
-        session.delete(record)
+    registry.remove(services, LoraRecord, name, what="LoRA", command="farm lora list")
 
 
 def parse_ref(text: str, *, index: int | None = None, field: str = "loras") -> dict[str, Any]:
