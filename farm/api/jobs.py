@@ -109,7 +109,7 @@ def _rows(farm, submission_id: str) -> list[ImageRecord]:
 
 def _state(rows: list[ImageRecord]) -> str:
     states = {row.status for row in rows}
-    if states <= {Status.succeeded.value}:
+    if states <= {Status.succeeded.value, Status.filtered.value}:  # withheld by safety=drop: done as asked
         return "succeeded"
     if states & set(_UNFINISHED):
         return "running" if Status.running.value in states or Status.succeeded.value in states else "queued"
@@ -130,6 +130,7 @@ def job_view(farm, job: ApiJobRecord, *, base_url: str = "") -> dict[str, Any]:
             "progress": round(min(done / steps, 1.0), 4) if row.status != Status.queued.value else 0.0,
             "url": f"{base_url}/v1/jobs/{job.submission_id}/images/{row.position}" if row.storage_key else None,
             "error": row.error,
+            "flagged": row.flagged,
         })
     counts: dict[str, int] = {}
     for row in rows:

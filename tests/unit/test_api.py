@@ -330,3 +330,24 @@ def test_webhooks_are_signed_retried_with_backoff_then_marked_failed(embedded_fa
         assert job.webhook_state == "failed" and job.webhook_attempts == 3 and "500" in job.webhook_error
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "statuses, state",
+    [
+        (["succeeded", "succeeded"], "succeeded"),
+        (["succeeded", "filtered"], "succeeded"),  # safety=drop withheld one: the job ran as asked
+        (["filtered"], "succeeded"),
+        (["succeeded", "running"], "running"),
+        (["queued"], "queued"),
+        (["succeeded", "failed"], "partial"),
+        (["failed", "canceled"], "failed"),
+        (["canceled"], "canceled"),
+    ],
+)
+def test_job_state_counts_filtered_images_as_done(statuses: list[str], state: str) -> None:
+    from types import SimpleNamespace
+
+    from farm.api.jobs import _state
+
+    assert _state([SimpleNamespace(status=status) for status in statuses]) == state
