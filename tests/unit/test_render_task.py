@@ -39,6 +39,7 @@ class Run:
     released: list = field(default_factory=list)  # (ids, note, count_attempt)
     republished: list = field(default_factory=list)  # publish_images calls
     chunks: list = field(default_factory=list)  # batch sizes rendered
+    record_calls: list = field(default_factory=list)  # image ids of each record_success_many call
 
     def key(self, n: int) -> str:
         image = self.images[n]
@@ -65,6 +66,11 @@ def run_task(monkeypatch, tmp_path, memory_storage, make_spec) -> Callable[..., 
                 run.recorded[image_id] = (storage.exists(storage_key), values)  # uploaded before the record?
             return True
 
+        def record_success_many(sessions, token, images):
+            with lock:
+                run.record_calls.append([image_id for image_id, _values in images])
+            return [image_id for image_id, values in images if record_success(sessions, token, image_id, **values)]
+
         def record_failure(sessions, token, image_ids, error):
             run.failed.update({i: error for i in image_ids})
             return len(image_ids)
@@ -83,6 +89,7 @@ def run_task(monkeypatch, tmp_path, memory_storage, make_spec) -> Callable[..., 
 
         monkeypatch.setattr(lifecycle, "claim", lambda *a, **k: lifecycle.Claim(token="t", images=run.images))
         monkeypatch.setattr(lifecycle, "record_success", record_success)
+        monkeypatch.setattr(lifecycle, "record_success_many", record_success_many)
         monkeypatch.setattr(lifecycle, "record_failure", record_failure)
         monkeypatch.setattr(lifecycle, "release", release)
         monkeypatch.setattr(lifecycle, "heartbeat", lambda *a, **k: 1)
@@ -175,3 +182,43 @@ def test_images_that_cannot_be_stored_are_queued_again_without_an_attempt(run_ta
 def test_bad_batch_sizes_are_refused_at_start() -> None:
     with pytest.raises(ConfigError, match="FARM_RENDER_BATCH_SIZES"):
         Settings(render_batch_sizes="512x512")
+
+
+def test_each_chunk_is_recorded_in_one_call(run_task, memory_storage) -> None:
+    run = run_task(6, oom_above=4)  # out of memory at 6: chunks of 3
+    assert run.ctx.finisher.wait(timeout=10)
+    assert run.chunks == [3, 3]
+    assert sorted(map(sorted, run.record_calls)) == sorted(  # one database transaction per chunk, not per image
+        [sorted(image.id for image in run.images[:3]), sorted(image.id for image in run.images[3:])])
+    assert len(run.recorded) == 6 and all(uploaded for uploaded, _ in run.recorded.values())
+
+
+@pytest.mark.parametrize("chunk_seconds, reports", [(1.3, 0), (2.9, 0), (12.0, 3)])
+def test_progress_records_are_throttled_to_long_chunks(monkeypatch, chunk_seconds, reports) -> None:
+    """No ``report_progress`` UPDATE within a chunk shorter than PROGRESS_REPORT_EVERY (its record moves
+    ``farm wait`` on), at most one per PROGRESS_REPORT_EVERY in a longer one; events at most every PROGRESS_EVERY."""
+    import workers.diffusion.render as render_module
+
+    clock = [1000.0]
+    steps = 25
+    progress, events = [], []
+
+    def render_batch(model, specs, *, base_scheduler_config, conditions=None, on_step=None):
+        for done in range(1, steps + 1):
+            clock[0] += chunk_seconds / steps
+            assert on_step(done, steps)
+        return "batch"
+
+    monkeypatch.setattr(tasks.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(render_module, "render_batch", render_batch)
+    monkeypatch.setattr(lifecycle, "report_progress", lambda sessions, token, ids, done, total: progress.append(done) or len(ids))
+    monkeypatch.setattr(lifecycle, "heartbeat", lambda *a, **k: 1)
+    ctx = SimpleNamespace(
+        shutdown=SimpleNamespace(overdue=lambda: False), settings=SimpleNamespace(claim_lease_seconds=600.0),
+        sessions=None, model=SimpleNamespace(scheduler_config={}),
+    )
+    task = SimpleNamespace(app=SimpleNamespace(conf=SimpleNamespace(worker_send_task_events=True)),
+                           send_event=lambda name, **fields: events.append(fields["step"]))
+    assert tasks._render(task, ctx, SimpleNamespace(token="t"), ["a", "b"], [None, None], [None, None]) == "batch"
+    assert len(progress) == reports and all(done < steps for done in progress)
+    assert events[-1] == steps and len(events) <= chunk_seconds / tasks.PROGRESS_EVERY + 2
