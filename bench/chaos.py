@@ -1164,7 +1164,7 @@ def measure(stack: Stack, progress: Progress, plan: Plan, chaos: Chaos, workers:
                 current.add(version["Key"])
     image_of_key = {}
     for key in current:
-        match = re.search(r"images/[^/]+/([^/]+)\.png$", key)
+        match = re.search(r"images/(?:[^/]+/)+([^/]+)\.png$", key)  # images/<shard>/<submission>/<image>.png (or without shard)
         image_of_key[key] = match.group(1) if match else key
     per_image = collections.Counter(image_of_key.values())
     succeeded_keys = {f"{stack.prefix}/{r[4]}" for r in rows if r[1] == "succeeded" and r[4]}

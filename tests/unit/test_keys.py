@@ -18,15 +18,26 @@ SHA = hashlib.sha256(b"lora").hexdigest()
 @pytest.mark.parametrize(
     ("submission_id", "image_id", "expected"),
     [
-        (SUB, IMG, f"images/{SUB}/{IMG}.png"),
-        ("a", "0", "images/a/0.png"),
-        ("deadbeef", "f" * 64, f"images/deadbeef/{'f' * 64}.png"),
-        (str(uuid.UUID(int=1)), str(uuid.UUID(int=2)), f"images/{uuid.UUID(int=1)}/{uuid.UUID(int=2)}.png"),
-        ("0123456789abcdef0123456789abcdef", IMG, f"images/0123456789abcdef0123456789abcdef/{IMG}.png"),
+        (SUB, IMG, f"images/11/{SUB}/{IMG}.png"),
+        ("a", "0", "images/0/a/0.png"),
+        ("deadbeef", "f" * 64, f"images/ff/deadbeef/{'f' * 64}.png"),
+        (str(uuid.UUID(int=1)), str(uuid.UUID(int=2)), f"images/00/{uuid.UUID(int=1)}/{uuid.UUID(int=2)}.png"),
+        ("0123456789abcdef0123456789abcdef", IMG, f"images/11/0123456789abcdef0123456789abcdef/{IMG}.png"),
     ],
 )
 def test_image_key_good_ids(submission_id: str, image_id: str, expected: str) -> None:
     assert image_key(submission_id, image_id) == expected
+
+
+def test_image_keys_of_one_submission_spread_over_shards_and_stay_deterministic() -> None:
+    """One campaign's images land under 256 prefixes (S3 limits PUT/s per prefix), each image always
+    on the same key."""
+    ids = [str(uuid.uuid4()) for _ in range(2000)]
+    keys = [image_key(SUB, image_id) for image_id in ids]
+    assert keys == [image_key(SUB, image_id) for image_id in ids]
+    shards = {key.split("/")[1] for key in keys}
+    assert len(shards) > 200 and all(len(shard) == 2 for shard in shards)
+    assert all(key == f"images/{i[:2]}/{SUB}/{i}.png" for key, i in zip(keys, ids))
 
 
 BAD_IDS = [
