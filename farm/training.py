@@ -72,6 +72,8 @@ DEFAULTS: dict[str, Any] = {
     "sample_every": 0,  # 0: samples only at the end
     "seed": None,  # drawn at submit and recorded
     "gradient_checkpointing": False,
+    "offset_noise": 0.0,  # a per-channel constant added to the noise (models trained with offset noise: shapes 0.3)
+    "min_snr_gamma": 5.0,  # Min-SNR-γ loss weighting; 0: plain MSE
 }
 #: Bounds of each number a job takes.
 BOUNDS: dict[str, tuple[float, float]] = {
@@ -82,6 +84,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "checkpoint_every": (1, 1_000_000),
     "sample_every": (0, 1_000_000),
     "seed": (0, 2**63 - 1),
+    "offset_noise": (0.0, 1.0),
+    "min_snr_gamma": (0.0, 100.0),
 }
 #: Images one job may train on (their keys and captions travel in the job's params).
 MAX_IMAGES = 50_000
@@ -109,6 +113,8 @@ def submit(
     sample_every: int | None = None,
     seed: int | None = None,
     gradient_checkpointing: bool | None = None,
+    offset_noise: float | None = None,
+    min_snr_gamma: float | None = None,
     sample_prompts: list[str] | None = None,
 ) -> TrainingJobRecord:
     """Check a training job, record it (queued) and publish it to the model's queue; return its record.
@@ -122,14 +128,15 @@ def submit(
     given = {
         "rank": rank, "steps": steps, "lr": lr, "batch_size": batch_size, "resolution": resolution,
         "text_encoder": text_encoder, "checkpoint_every": checkpoint_every, "sample_every": sample_every,
-        "seed": seed, "gradient_checkpointing": gradient_checkpointing,
+        "seed": seed, "gradient_checkpointing": gradient_checkpointing, "offset_noise": offset_noise,
+        "min_snr_gamma": min_snr_gamma,
     }
     params = {key: DEFAULTS[key] if value is None else value for key, value in given.items()}
     if params["seed"] is None:
         params["seed"] = random.SystemRandom().randrange(2**31)
     for key, (low, high) in BOUNDS.items():
         value = params[key]
-        number = float if key == "lr" else int
+        number = float if key in ("lr", "offset_noise", "min_snr_gamma") else int
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (number is int and not isinstance(value, int)):
             raise ValidationError(key, shown(value), f"must be {'a number' if number is float else 'an integer'} in [{low:g}, {high:g}]")
         if not low <= value <= high:
@@ -148,7 +155,10 @@ def submit(
         sample_prompts = list(dict.fromkeys(item["text"] for item in dataset["items"]))[:SAMPLE_PROMPTS]
     params["sample_prompts"] = list(sample_prompts)
     dataset["upload"]()  # everything is valid: store a folder's images (by content; once each)
-    params["dataset"] = {"kind": dataset["kind"], "items": dataset["items"]}
+    # in a stable order (caption, key), whatever order the files were listed in: with content keys
+    # (a folder) the same images train the same way whatever their file names
+    items = sorted(dataset["items"], key=lambda item: (item["text"], item["key"]))
+    params["dataset"] = {"kind": dataset["kind"], "items": items}
     now = utcnow()
     job = TrainingJobRecord(
         id=str(uuid.uuid4()), name=name, model=model, data=str(data), params=params,

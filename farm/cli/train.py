@@ -32,8 +32,10 @@ def train() -> None:
 @click.option("--sample-every", type=int, default=None, help="Steps between sample images (default 0: at the end only).")
 @click.option("--seed", type=int, default=None, help="Seed of the whole run (drawn and recorded if omitted).")
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for GPU memory.")
+@click.option("--offset-noise", type=float, default=None, help="Offset noise (default 0; the shapes model was trained with 0.3).")
+@click.option("--min-snr-gamma", type=float, default=None, help="Min-SNR-γ loss weighting (default 5; 0: plain MSE).")
 def train_lora(name, data, model, rank, steps, lr, batch_size, resolution, text_encoder, checkpoint_every, sample_every,
-               seed, gradient_checkpointing):
+               seed, gradient_checkpointing, offset_noise, min_snr_gamma):
     """Check the dataset, record the job and queue it on the model's workers; print its status."""
     from farm import training
 
@@ -42,6 +44,7 @@ def train_lora(name, data, model, rank, steps, lr, batch_size, resolution, text_
             farm.services, name=name, data=data, model=model, rank=rank, steps=steps, lr=lr, batch_size=batch_size,
             resolution=resolution, text_encoder=text_encoder, checkpoint_every=checkpoint_every,
             sample_every=sample_every, seed=seed, gradient_checkpointing=gradient_checkpointing,
+            offset_noise=offset_noise, min_snr_gamma=min_snr_gamma,
         )
         click.echo(json.dumps(_short(training.status(farm.services, name))))
 

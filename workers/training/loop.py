@@ -70,6 +70,8 @@ class Trainer:
         seed: int,
         text_encoder: bool = False,
         gradient_checkpointing: bool = False,
+        offset_noise: float = 0.0,
+        min_snr_gamma: float = 0.0,
         device: str = "cpu",
     ):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -80,6 +82,7 @@ class Trainer:
         self.path, self.device, self.seed = path, device, int(seed)
         self.rank, self.lr, self.batch_size, self.resolution = rank, lr, batch_size, resolution
         self.train_text = bool(text_encoder)
+        self.offset_noise, self.min_snr_gamma = float(offset_noise), float(min_snr_gamma)
         load = {"use_safetensors": True, "local_files_only": True}
         self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
         self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **load).to(device)
@@ -90,10 +93,10 @@ class Trainer:
             module.requires_grad_(False)
             module.eval()
         torch.manual_seed(self.seed)  # the adapters' initialisation
-        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=UNET_TARGETS))
+        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=UNET_TARGETS))
         if self.train_text:
             self.text_encoder.add_adapter(
-                LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=TEXT_TARGETS)
+                LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TEXT_TARGETS)
             )
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -151,6 +154,8 @@ class Trainer:
         x0 = self.latents[index]
         noise = torch.randn(x0.shape, generator=g)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(x0),), generator=g)
+        if self.offset_noise:  # a per-image, per-channel constant: the mean colour cannot be read off the noisy input
+            noise = noise + self.offset_noise * torch.randn((*x0.shape[:2], 1, 1), generator=g)
         noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(x0, noise, timesteps)
@@ -164,7 +169,8 @@ class Trainer:
             else:
                 cond = torch.stack([self._embeddings[c] for c in captions]).to(self.device)
             pred = self.unet(noisy, timesteps, cond).sample
-        loss = F.mse_loss(pred.float(), target.float())
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = (loss * self._snr_weights(timesteps)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         params = [p for _, p in self.named]
         if self.scaler is not None:
@@ -183,6 +189,17 @@ class Trainer:
         self.losses.append(value)
         self.step += 1
         return value
+
+    def _snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-γ loss weights (Hang et al. 2023), or ones when ``min_snr_gamma`` is 0."""
+        if not self.min_snr_gamma:
+            return torch.ones(len(timesteps), device=timesteps.device)
+        alphas = self.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+        snr = alphas / (1 - alphas)
+        weights = torch.clamp(snr, max=self.min_snr_gamma) / snr
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            weights = torch.clamp(snr, max=self.min_snr_gamma) / (snr + 1)
+        return weights.float()
 
     # -- checkpoints ----------------------------------------------------------------------------
     def checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

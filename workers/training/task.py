@@ -118,7 +118,8 @@ def _train(task: Task, ctx: WorkerContext, token: str, job) -> dict:
     trainer = Trainer(
         path, rank=params["rank"], lr=params["lr"], batch_size=params["batch_size"], resolution=params["resolution"],
         seed=params["seed"], text_encoder=params["text_encoder"],
-        gradient_checkpointing=params.get("gradient_checkpointing", False), device=ctx.device,
+        gradient_checkpointing=params.get("gradient_checkpointing", False), offset_noise=params.get("offset_noise", 0.0),
+        min_snr_gamma=params.get("min_snr_gamma", 0.0), device=ctx.device,
     )
     items = params["dataset"]["items"]
     images = []
