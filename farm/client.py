@@ -341,6 +341,13 @@ class Farm:
     def remove_lora(self, name: str) -> None:
         loras.remove(self.services, name)
 
+    def train_lora(self, name: str, data: str | Path, **params: Any):
+        """Queue a LoRA training job on the farm's workers; when it succeeds the LoRA is registered as
+        ``name``. ``params``: model, rank, steps, lr, batch_size, resolution, text_encoder… (``farm.training.submit``)."""
+        from farm import training
+
+        return training.submit(self.services, name=name, data=data, **params)
+
     # -- following work -------------------------------------------------------------------------
     def submission(self, submission_id: str) -> Submission:
         with self.sessions() as session:
