@@ -154,6 +154,8 @@ def test_a_submitted_job_is_recorded_and_published_to_the_models_queue(embedded_
     messages = [json.loads(p.read_text()) for p in queue.iterdir() if p.is_file()]
     assert [m["headers"]["task"] for m in messages] == ["farm.train_lora"]
     assert messages[0]["headers"]["id"] == job.task_id
+    via_client = embedded_farm.train_lora("ink2", folder, model="shapes", steps=2)  # Farm.train_lora: the same path
+    assert via_client.state == "queued" and via_client.params["dataset"]["items"] == items
 
 
 # -- on a worker ------------------------------------------------------------------------------------
