@@ -98,21 +98,22 @@ def claim(
         publish_after=None,
     )
     with sessions.begin() as session:
-        session.execute(
-            update(ImageRecord)
-            .where(
-                ImageRecord.id.in_(list(image_ids)),
-                or_(
-                    ImageRecord.status == QUEUED,
-                    and_(ImageRecord.status == RUNNING, ImageRecord.lease_expires_at < now),
-                ),
-            )
-            .values(**claimed)
-        )
-        mine = list(
+        # one statement: UPDATE … RETURNING the claimed rows (PostgreSQL; SQLite ≥ 3.35)
+        mine = sorted(
             session.scalars(
-                select(ImageRecord).where(ImageRecord.claim_token == token).order_by(ImageRecord.position)
-            )
+                update(ImageRecord)
+                .where(
+                    ImageRecord.id.in_(list(image_ids)),
+                    or_(
+                        ImageRecord.status == QUEUED,
+                        and_(ImageRecord.status == RUNNING, ImageRecord.lease_expires_at < now),
+                    ),
+                )
+                .values(**claimed)
+                .returning(ImageRecord)
+                .execution_options(synchronize_session=False)
+            ).all(),
+            key=lambda image: (image.position, image.id),
         )
         result = Claim(token=token)
         if top_up is not None and mine:
@@ -137,7 +138,8 @@ def claim(
         # images of the task another live claim holds; not those this worker holds itself (e.g. one
         # of its earlier claims topped them up and is uploading them): it is alive, and if it dies
         # the lease sweeper queues them again
-        others = session.execute(
+        own = {image.id for image in mine}
+        others = [] if own.issuperset(image_ids) else session.execute(  # every image of the task is ours: none elsewhere
             select(ImageRecord.id, ImageRecord.lease_expires_at).where(
                 ImageRecord.id.in_(list(image_ids)),
                 ImageRecord.status == RUNNING,
@@ -149,6 +151,7 @@ def claim(
             result.held_elsewhere = [image_id for image_id, _ in others]
             first_expiry = min(expiry for _, expiry in others)
             result.wait_seconds = max(0.0, (first_expiry - now).total_seconds())
+        session.flush()  # the images given up on (no later query autoflushes them when all were ours)
         session.expunge_all()
     return result
 

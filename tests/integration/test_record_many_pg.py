@@ -57,3 +57,16 @@ def test_one_statement_per_chunk(sessions, engine, tmp_path, make_request) -> No
         event.remove(engine, "before_cursor_execute", listener)
     assert sorted(recorded) == sorted(ids)
     assert statements.count("UPDATE") == 1, statements
+
+
+def test_a_claim_of_a_whole_task_is_one_statement(sessions, engine, tmp_path, make_request) -> None:
+    ids = _submit(sessions, tmp_path, make_request, 8)
+    statements: list[str] = []
+    listener = lambda _c, _cur, statement, *_a: statements.append(statement.split(None, 1)[0].upper())  # noqa: E731
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        claim = lifecycle.claim(sessions, ids, worker="w", lease_seconds=60, max_attempts=3)
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    assert [image.id for image in claim.images] == ids and claim.held_elsewhere == []
+    assert statements == ["UPDATE"]  # UPDATE … RETURNING; nobody else can hold what this claim took whole
