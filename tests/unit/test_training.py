@@ -158,6 +158,18 @@ def test_a_submitted_job_is_recorded_and_published_to_the_models_queue(embedded_
     assert via_client.state == "queued" and via_client.params["dataset"]["items"] == items
 
 
+def test_a_canceled_job_is_not_trained(embedded_farm, farm_settings, tmp_path):
+    from workers.training.task import run_training
+
+    folder = make_folder(tmp_path / "data", 2)
+    job = training.submit(embedded_farm.services, name="stop", data=str(folder), model="shapes", steps=3)
+    assert training.cancel(embedded_farm.services, "stop") is True
+    assert training.cancel(embedded_farm.services, "stop") is False  # already finished
+    outcome = run_training(FakeTask(embedded_farm.celery), worker_context(farm_settings), job.id)
+    assert outcome == {"job": job.id, "skipped": "canceled"}
+    assert training.status(embedded_farm.services, "stop")["state"] == "canceled"
+
+
 # -- on a worker ------------------------------------------------------------------------------------
 
 
