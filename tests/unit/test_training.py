@@ -170,6 +170,33 @@ def test_a_canceled_job_is_not_trained(embedded_farm, farm_settings, tmp_path):
     assert training.status(embedded_farm.services, "stop")["state"] == "canceled"
 
 
+def test_storage_away_hands_the_job_back_and_a_missing_image_fails_it(embedded_farm, farm_settings, tmp_path, monkeypatch):
+    from farm.errors import MissingObject, StorageError
+    from workers.training.task import run_training
+
+    folder = make_folder(tmp_path / "data", 2)
+    job = training.submit(embedded_farm.services, name="later", data=str(folder), model="shapes", steps=2)
+    ctx = worker_context(farm_settings)
+    storage = ctx.storage
+
+    def away(key):
+        raise StorageError(f"S3 get timed out ({key})")
+
+    monkeypatch.setattr(storage, "get", away)
+    outcome = run_training(FakeTask(embedded_farm.celery), ctx, job.id)
+    assert "released" in outcome, outcome
+    found = training.status(embedded_farm.services, "later")
+    assert found["state"] == "queued" and found["attempts"] == 0 and "S3 get timed out" in found["error"]
+
+    def gone(key):
+        raise MissingObject(f"no object {key!r}")
+
+    monkeypatch.setattr(storage, "get", gone)
+    outcome = run_training(FakeTask(embedded_farm.celery), ctx, job.id)
+    found = training.status(embedded_farm.services, "later")
+    assert found["state"] == "failed" and found["error"].startswith("MissingObject: no object"), found
+
+
 # -- on a worker ------------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from celery.exceptions import Reject
 
 from farm import training
 from farm.db.tables import LoraRecord, TrainingState, utcnow
-from farm.errors import FarmError, ValidationError
+from farm.errors import FarmError, MissingObject, StorageError, ValidationError
 from farm.retrying import is_infrastructure
 from farm.training import TRAIN_TASK
 from workers.context import WorkerContext
@@ -85,7 +85,9 @@ def run_training(task: Task, ctx: WorkerContext, job_id: str) -> dict:
     try:
         return _train(task, ctx, token, job)
     except Exception as exc:  # noqa: BLE001
-        if is_infrastructure(exc):  # not the job's fault: back to the queue, from its checkpoint
+        # the database, broker or storage away (a missing object is the job's own fault): not the job's
+        # fault, back to the queue, to resume from its last checkpoint
+        if is_infrastructure(exc) or (isinstance(exc, StorageError) and not isinstance(exc, MissingObject)):
             training.release(ctx.sessions, token, f"queued again: {type(exc).__name__}: {exc}")
             try:
                 training.publish_job(ctx.sessions, task.app, settings, job_id, countdown=30)
@@ -190,8 +192,15 @@ def _train(task: Task, ctx: WorkerContext, token: str, job) -> dict:
                 last_record = now
             elif now - last_record >= RECORD_EVERY:
                 last_record = now
-                if not training.heartbeat(ctx.sessions, token, lease, step=step, loss=loss,
-                                          info={**info, "eta_seconds": eta(), "losses": losses()}):
+                try:  # best-effort: a database blip skips a beat (the lease outlasts several)
+                    held = training.heartbeat(ctx.sessions, token, lease, step=step, loss=loss,
+                                              info={**info, "eta_seconds": eta(), "losses": losses()})
+                except Exception as exc:  # noqa: BLE001
+                    if not is_infrastructure(exc):
+                        raise
+                    log.warning("heartbeat skipped: %s", type(exc).__name__)
+                    held = True
+                if not held:
                     raise _Stopped()
             if send_events and (now - last_event >= PROGRESS_EVERY or step == total):
                 last_event = now
