@@ -7,7 +7,7 @@ What is real: the Celery consumer (``app.worker_main``, the farm's poison-proof 
 transport, task events on), the registered task ``workers.tasks.register`` → ``run_render`` (claim,
 progress events, progress records, heartbeats), the ``WorkerContext`` and its ``Finisher`` (PNG
 encode with A1111 metadata, S3 PUT through ``S3Storage`` and the ``Uploader``'s threads, lease
-renewal, spool, ``lifecycle.record_success``), the submission (``Farm.submit_many``: records +
+renewal, spool, ``lifecycle.record_success_many``: one record transaction per chunk), the submission (``Farm.submit_many``: records +
 grouped tasks of 8). What is simulated: ``workers.diffusion.render.render_batch`` is replaced by a
 sleep of ``--batch-seconds`` per chunk (spread over the steps, calling the task's ``on_step`` after
 each step as diffusers does) that returns solid ``--size``² RGB images (512² by default; they
@@ -40,9 +40,11 @@ queue. The last line is one JSON object: ``max_images_per_s``, ``db_transactions
 db 15 (``--redis-url``; only this run's keys are deleted) and a ``moto_server`` it starts, unless
 ``--database-url``/``--s3-endpoint`` are given (the integration test passes its own).
 
-``--prototype-fixes`` runs the workers with the two proposed control-plane fixes prototyped here (one
-record transaction per chunk, no progress rows within a chunk); ``--micro-record CHUNKS`` only
-compares recording per image with recording per chunk on the database; ``--profile-dir`` samples
+``--prototype-fixes`` is a no-op, kept so earlier command lines still run: the two control-plane fixes
+it prototyped (one record transaction per chunk, no progress rows within a short chunk) are in the
+product code now (``lifecycle.record_success_many`` from the finisher, ``workers.tasks.PROGRESS_REPORT_EVERY``).
+``--micro-record CHUNKS`` only compares recording per image (``lifecycle.record_success``) with
+recording per chunk (``lifecycle.record_success_many``) on the database; ``--profile-dir`` samples
 each worker process with py-spy during the window. Results: docs/performance.md, "Control plane at scale".
 """
 
@@ -300,6 +302,15 @@ def worker_process(args: argparse.Namespace) -> None:
         return recorded
 
     lifecycle.record_success = counted_record_success
+    record_success_many = cpu_of("db_record", lifecycle.record_success_many)
+
+    def counted_record_success_many(sessions, token, images, **kw):
+        recorded = record_success_many(sessions, token, images, **kw)
+        stats.add("recorded", len(recorded))
+        stats.add("record_lost", len(images) - len(recorded))
+        return recorded
+
+    lifecycle.record_success_many = counted_record_success_many
     lifecycle.report_progress = cpu_of("db_progress_heartbeat", lifecycle.report_progress)
     lifecycle.heartbeat = cpu_of("db_progress_heartbeat", lifecycle.heartbeat)
     # CPU by step, per thread: the task (claim, progress, events, hand-off; minus its parts below),
@@ -331,8 +342,6 @@ def worker_process(args: argparse.Namespace) -> None:
         ctx._storage.client.meta.events.register("before-call.s3", count_s3)
         ctx.finisher  # noqa: B018 - uploader threads, spool folder: built now, not in the first task
         contexts.append(ctx)
-    if args.prototype_fixes:
-        _install_prototype_fixes(contexts, stats, cpu_of)
     proxy = _ThreadContexts(settings, contexts)
 
     app = make_celery(settings)
@@ -357,107 +366,7 @@ def worker_process(args: argparse.Namespace) -> None:
     ])
 
 
-def _install_prototype_fixes(contexts: list, stats: _Stats, cpu_of) -> None:
-    """``--prototype-fixes``: the two proposed changes, prototyped here (files owned elsewhere are not
-    touched): (1) a hand-off's uploaded images are recorded together, one transaction per chunk
-    (``_record_chunk``), once every image of the hand-off is uploaded or otherwise settled; (2) no
-    ``report_progress`` UPDATE within a chunk (``workers.tasks.PROGRESS_REPORT_EVERY`` = ∞; the lease
-    heartbeat stays). Outcomes stay as the finisher defines them: recorded, lost (claim gone), failed."""
-    import workers.tasks as tasks_module
-    from farm.retrying import until_deadline
-    from workers.finishing.finisher import Finisher
-
-    tasks_module.PROGRESS_REPORT_EVERY = float("inf")
-    lock = threading.Lock()
-    resolve = Finisher._resolve
-    record_chunk = cpu_of("db_record", _record_chunk)
-
-    def deferred_record(ctx):
-        pending = ctx._bench_pending = {}
-
-        def record(token, image_id, key, values):  # the write happens for the whole hand-off
-            with lock:
-                pending[(token, image_id)] = (key, values)
-            return True
-
-        return record
-
-    def flush(finisher, handoff, held) -> None:
-        ctx = finisher._bench_ctx
-        rows = []
-        with lock:
-            for item in held:
-                key, values = ctx._bench_pending.pop((handoff.token, item.image_id))
-                rows.append({
-                    "id": item.image_id, "key": key, "gpu": values.get("gpu_seconds"), "tokens": values.get("prompt_tokens"),
-                    "truncated": values.get("prompt_truncated"), "path": values.get("model_path"),
-                    "info": json.dumps(values.get("info")),
-                })
-        try:
-            recorded = set(until_deadline(
-                lambda: record_chunk(ctx.sessions, handoff.token, rows),
-                deadline_seconds=ctx.settings.infra_deadline_seconds, what="record a chunk",
-            ))
-        except Exception as exc:  # noqa: BLE001 - as a failed record: given back
-            for item in held:
-                resolve(finisher, handoff, item, "failed", exc)
-            return
-        stats.add("recorded", len(recorded))
-        stats.add("record_lost", len(held) - len(recorded))
-        for item in held:
-            resolve(finisher, handoff, item, "recorded" if item.image_id in recorded else "lost")
-
-    def patched_resolve(self, handoff, item, outcome, error=None):
-        ctx = getattr(self, "_bench_ctx", None)
-        if ctx is None:
-            return resolve(self, handoff, item, outcome, error)
-        with lock:
-            held = handoff.__dict__.setdefault("_bench_held", [])
-            hold = outcome == "recorded" and (handoff.token, item.image_id) in ctx._bench_pending and item not in held
-            if hold:
-                held.append(item)
-        if not hold:
-            resolve(self, handoff, item, outcome, error)
-        with lock:
-            ready = (
-                held and not handoff.__dict__.get("_bench_flushed")
-                and len(held) + len(handoff._state) >= len(handoff.items)
-            )
-            if ready:
-                handoff._bench_flushed = True
-        if ready:
-            flush(self, handoff, list(held))
-
-    Finisher._resolve = patched_resolve
-    for ctx in contexts:
-        ctx.finisher.record = deferred_record(ctx)
-        ctx.finisher._bench_ctx = ctx
-
-
 # -- the bench driver --------------------------------------------------------------------------------
-
-def _record_chunk(sessions, token: str, values: list[dict]) -> list[str]:
-    """A prototype of the per-chunk record (``lifecycle.record_success`` for many images of one claim,
-    one transaction, one statement); returns the ids recorded (the others' claim was lost)."""
-    from sqlalchemy import text
-
-    rows, params = [], {"token": token}
-    for n, v in enumerate(values):
-        rows.append(
-            f"(:id{n}, :key{n}, CAST(:gpu{n} AS double precision), CAST(:tokens{n} AS integer), "
-            f"CAST(:truncated{n} AS boolean), :path{n}, CAST(:info{n} AS json))"
-        )
-        params.update({f"{k}{n}": value for k, value in v.items()})
-    statement = text(
-        "UPDATE images AS i SET status = 'succeeded', finished_at = now(), lease_expires_at = NULL, error = NULL, "
-        "publish_after = NULL, storage_key = v.key, gpu_seconds = v.gpu, prompt_tokens = v.tokens, "
-        "prompt_truncated = v.truncated, model_path = v.path, info = v.info "
-        f"FROM (VALUES {', '.join(rows)}) AS v(id, key, gpu, tokens, truncated, path, info) "
-        "WHERE i.id = v.id AND i.claim_token = :token AND i.status = 'running' RETURNING i.id"
-    )
-    with sessions.begin() as session:
-        return list(session.execute(statement, params).scalars())
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -593,7 +502,7 @@ class Bench:
                 workers.append(subprocess.Popen(
                     [sys.executable, __file__, "--role", "worker", "--index", str(index), "--threads", str(count),
                      "--stats", str(stats_dir / f"worker-{index}.json"), "--batch-seconds", str(args.batch_seconds),
-                     "--db-pool", str(args.db_pool)] + (["--prototype-fixes"] if args.prototype_fixes else []),
+                     "--db-pool", str(args.db_pool)],
                     env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 ))
             started = time.monotonic()
@@ -697,18 +606,19 @@ class Bench:
         ]
         farm.submit_many(requests, label=prefix)
 
-    # the fix, prototyped: one record transaction per chunk instead of one per image
+    # one record transaction per chunk instead of one per image
     def micro_record(self, chunks: int) -> dict:
         """Record ``chunks`` claimed chunks of ``--batch`` images three ways, on the same database:
         ``per_image`` (what the finisher does: ``lifecycle.record_success`` per image, engine as
-        ``farm.db.make_engine`` makes it, pool pre-ping on), ``per_chunk`` (a prototype: one
-        ``UPDATE … FROM (VALUES …) RETURNING id`` per chunk, same engine) and ``per_chunk_no_preping``.
+        ``farm.db.make_engine`` makes it, pool pre-ping on), ``per_chunk`` (``lifecycle.record_success_many``:
+        one ``UPDATE … FROM (VALUES …) RETURNING id`` per chunk, same engine) and ``per_chunk_no_preping``.
         Client CPU (thread time), wall, client transactions and statements, server transactions
         (pg_stat_database) and PostgreSQL backend CPU, each per image."""
         from sqlalchemy import create_engine, event, text
         from sqlalchemy.orm import sessionmaker
 
         from farm import db, lifecycle
+        from farm.storage.keys import image_key
 
         batch = self.args.batch
         prefix = f"cpm{uuid.uuid4().hex[:8]}"
@@ -766,19 +676,16 @@ class Bench:
             recorded = 0
             for claim in claims:
                 values = [
-                    {"id": image.id, "key": f"images/{image.submission_id}/{image.id}.png", "gpu": 0.16, "tokens": 5,
-                     "truncated": False, "path": "/models/sd15", "info": json.dumps({"model_hash": "0123456789", "batch_size": batch})}
+                    (image.id, {"storage_key": image_key(image.submission_id, image.id), "gpu_seconds": 0.16,
+                                "prompt_tokens": 5, "prompt_truncated": False, "model_path": "/models/sd15",
+                                "info": {"model_hash": "0123456789", "batch_size": batch}, "flagged": False, "safety": None})
                     for image in claim.images
                 ]
                 if batched:
-                    recorded += len(_record_chunk(sessions, claim.token, values))
+                    recorded += len(lifecycle.record_success_many(sessions, claim.token, values))
                 else:
-                    for v in values:
-                        recorded += lifecycle.record_success(
-                            sessions, claim.token, v["id"], storage_key=v["key"], gpu_seconds=v["gpu"],
-                            prompt_tokens=v["tokens"], prompt_truncated=v["truncated"], model_path=v["path"],
-                            info=json.loads(v["info"]),
-                        )
+                    for image_id, v in values:
+                        recorded += lifecycle.record_success(sessions, claim.token, image_id, **v)
             cpu, wall = time.thread_time() - cpu_started, time.perf_counter() - started
             cpu1 = backend_cpu()
             engine.dispose()
@@ -1006,9 +913,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--s3-endpoint", default="", help="an S3 endpoint (default: a moto_server started here)")
     parser.add_argument("--keep", action="store_true", help="keep the fresh database and the run's temporary folder")
     parser.add_argument("--prototype-fixes", action="store_true",
-                        help="run the workers with the proposed fixes prototyped: one record transaction per chunk, no progress records")
+                        help="no-op (kept for earlier command lines): its fixes are in the product code now")
     parser.add_argument("--micro-record", type=int, default=0, metavar="CHUNKS",
-                        help="only compare recording CHUNKS chunks per image vs per chunk (the proposed fix), then exit")
+                        help="only compare recording CHUNKS chunks per image vs per chunk (record_success_many), then exit")
     parser.add_argument("--profile-dir", default="", help="py-spy each worker process during the window (collapsed stacks here)")
     parser.add_argument("--py-spy", default="", help="the py-spy binary (default: on PATH)")
     # worker-process role (internal)
@@ -1060,7 +967,6 @@ def main(argv: list[str] | None = None) -> None:
         "batch_seconds": args.batch_seconds,
         "batch": args.batch,
         "image_size": args.size,
-        "prototype_fixes": args.prototype_fixes,
         "seconds": round(time.monotonic() - started, 1),
         "rows": rows,
     }))
