@@ -16,6 +16,10 @@ with the database again:
    (``farm.dispatch.broker_state``).
 4. **Gone workers' own queues**: LoRA jobs routed to a warm worker's own queue go back to the
    model's shared queue once that worker's advert has expired (stopped, scaled away, renamed).
+5. **Training jobs** (``farm.training.recover``): the same cases for LoRA training jobs — a job
+   whose worker stopped renewing its lease is queued again (it resumes from its last checkpoint),
+   one still marked in the outbox is published, and after a deep round (step 3) every queued job is
+   published again.
 
 Publishing twice is harmless (``farm.lifecycle`` claims each image once), so every step errs on the
 side of sending. It runs inside every ``farm worker`` supervisor and as ``farm reconcile``; however
@@ -36,7 +40,7 @@ from datetime import timedelta
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from farm import lifecycle
+from farm import lifecycle, training
 from farm.db.tables import ImageRecord, LeaseRecord, Status, SubmissionRecord, utcnow
 from farm.dispatch.broker_state import BrokerState
 from farm.dispatch.publish import publish_images, publish_outbox
@@ -59,19 +63,21 @@ class Round:
     published: int = 0  # outbox: recorded, never published
     republished: int = 0  # queued, but their message was nowhere in the broker
     returned: int = 0  # messages moved from a gone worker's own queue to the shared one
+    training: int = 0  # training jobs published: lease expired, outbox, or lost with the broker
     deep: bool = False  # the broker's queues were compared with the database
     errors: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> int:
-        return self.taken_back + self.published + self.republished + self.returned
+        return self.taken_back + self.published + self.republished + self.returned + self.training
 
     def __str__(self) -> str:
         if not self.leader:
             return "another reconciler leads; nothing done"
         text = (
             f"expired leases queued again: {self.taken_back}; published from the outbox: {self.published}; "
-            f"republished (message lost): {self.republished}; moved from gone workers' queues: {self.returned}"
+            f"republished (message lost): {self.republished}; moved from gone workers' queues: {self.returned}; "
+            f"training jobs published: {self.training}"
             + ("" if self.deep else " (broker not compared this round)")
         )
         return text + "".join(f"\nerror: {e}" for e in self.errors)
@@ -98,8 +104,8 @@ class Reconciler:
             return result
         result.leader = True
         services, settings = self.services, self.settings
+        recovering = time.monotonic() - self._last_failure < settings.claim_lease_seconds
         try:
-            recovering = time.monotonic() - self._last_failure < settings.claim_lease_seconds
             taken = lifecycle.take_back_expired(
                 services.sessions, grace_seconds=settings.claim_lease_seconds if recovering else 0.0
             )
@@ -127,6 +133,13 @@ class Reconciler:
                 self._last_deep = time.monotonic()
         except Exception as exc:  # noqa: BLE001
             result.errors.append(f"broker check: {_describe(exc)}")
+        try:  # training jobs: the same three cases (lease expired, outbox, lost with the broker)
+            result.training = len(training.recover(
+                services, grace_seconds=settings.claim_lease_seconds if recovering else 0.0,
+                older_than=settings.reconcile_grace_seconds, lost_messages=result.deep,
+            ))
+        except Exception as exc:  # noqa: BLE001
+            result.errors.append(f"training jobs: {_describe(exc)}")
         if result.errors:
             self._last_failure = time.monotonic()
         return result

@@ -364,22 +364,38 @@ def publish_job(sessions: "sessionmaker[Session]", app: "Celery", settings: "Set
         session.execute(update(TrainingJobRecord).where(TrainingJobRecord.id == job_id).values(publish_after=None))
 
 
-def recover(services: "Services", *, grace_seconds: float = 0.0) -> list[str]:
-    """Queue again the jobs whose worker died (lease expired) and publish every job still marked in
-    the outbox; returns the names published. Safe to run anywhere, any time (claims are guarded)."""
+def recover(
+    services: "Services", *, grace_seconds: float = 0.0, older_than: float = 0.0, lost_messages: bool = False
+) -> list[str]:
+    """Queue again the jobs whose worker died (lease expired ``grace_seconds`` ago) and publish every
+    job marked in the outbox for ``older_than`` seconds; with ``lost_messages`` (the broker may have
+    lost its messages: Redis restarted empty) also every queued job published before. Returns the
+    names published. Safe to run anywhere, any time: claims are guarded, a duplicate message finds
+    its job taken or done. The reconciler runs it each round."""
     now = utcnow()
-    cutoff = now - timedelta(seconds=grace_seconds)
+    queued = TrainingJobRecord.state == TrainingState.queued.value
     with services.sessions.begin() as session:
-        session.execute(
-            update(TrainingJobRecord)
-            .where(TrainingJobRecord.state == TrainingState.running.value, TrainingJobRecord.lease_expires_at < cutoff)
-            .values(state=TrainingState.queued.value, claim_token=None, lease_expires_at=None, publish_after=now)
+        lapsed = and_(
+            TrainingJobRecord.state == TrainingState.running.value,
+            TrainingJobRecord.lease_expires_at < now - timedelta(seconds=grace_seconds),
         )
-        due = session.execute(
-            select(TrainingJobRecord.id, TrainingJobRecord.name).where(
-                TrainingJobRecord.state == TrainingState.queued.value, TrainingJobRecord.publish_after <= now
-            )
+        expired = session.execute(
+            select(TrainingJobRecord.id, TrainingJobRecord.name).where(lapsed).with_for_update()
         ).all()
+        if expired:
+            session.execute(
+                update(TrainingJobRecord)
+                .where(TrainingJobRecord.id.in_([job_id for job_id, _ in expired]), lapsed)
+                .values(state=TrainingState.queued.value, claim_token=None, lease_expires_at=None, publish_after=now)
+            )
+        due_before = now - timedelta(seconds=older_than)
+        marked = TrainingJobRecord.publish_after <= due_before
+        if lost_messages:
+            marked = or_(marked, and_(TrainingJobRecord.publish_after.is_(None), TrainingJobRecord.created_at <= due_before))
+        due = list(expired) + [
+            row for row in session.execute(select(TrainingJobRecord.id, TrainingJobRecord.name).where(queued, marked)).all()
+            if row[0] not in {job_id for job_id, _ in expired}
+        ]
     for job_id, _ in due:
         publish_job(services.sessions, services.celery, services.settings, job_id)
     return [name for _, name in due]

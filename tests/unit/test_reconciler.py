@@ -204,3 +204,44 @@ def test_retry_failed_for_a_plain_submission(farm) -> None:
     assert job.retry_failed() == 2
     assert job.status().counts["queued"] == 2
     assert sorted(i for v in _queued_messages(farm.settings).values() for i in v) == sorted(ids)
+
+
+def test_a_round_publishes_training_jobs_a_dead_worker_or_a_lost_broker_left_behind(farm_settings) -> None:
+    """The reconciler heals training jobs too: an expired lease, an outbox mark, a lost message."""
+    from datetime import timedelta
+    from unittest import mock
+
+    from farm import training
+    from farm.db.tables import TrainingJobRecord, TrainingState, utcnow
+    from farm.reconciler import Reconciler
+    from farm.services import Services
+
+    services = Services.open(farm_settings.model_copy(update={"reconcile_grace_seconds": 5}))
+    now = utcnow()
+    rows = {
+        "dead": dict(state="running", lease_expires_at=now - timedelta(seconds=30), claim_token="t"),
+        "alive": dict(state="running", lease_expires_at=now + timedelta(seconds=30), claim_token="u"),
+        "unsent": dict(state="queued", publish_after=now - timedelta(seconds=60)),
+        "fresh": dict(state="queued", publish_after=now),  # its submitter is publishing it right now
+        "sent": dict(state="queued", publish_after=None, created_at=now - timedelta(seconds=60)),
+        "done": dict(state="succeeded"),
+    }
+    with services.sessions.begin() as session:
+        for name, values in rows.items():
+            session.add(TrainingJobRecord(id=name, name=name, model="tiny", data="x", params={}, total_steps=10, **values))
+    published: list[str] = []
+    with mock.patch.object(training, "publish_job", lambda sessions, app, settings, job_id, **kw: published.append(job_id)):
+        reconciler = Reconciler(services)
+        reconciler.broker = mock.Mock(return_orphaned=lambda: 0, lost_state=lambda: False)
+        reconciler._last_deep = float("inf") * -1
+        first = reconciler.run_once(deep=False)
+        assert sorted(published) == ["dead", "unsent"] and first.training == 2 and not first.errors
+        published.clear()
+        reconciler._republish_lost = lambda: 0
+        deep = reconciler.run_once(deep=True)  # the broker may have lost every message
+    assert "sent" in published and "fresh" not in published and "alive" not in published and "done" not in published
+    assert deep.training == len(published)
+    with services.sessions() as session:
+        dead = session.get(TrainingJobRecord, "dead")
+        assert dead.state == TrainingState.queued.value and dead.claim_token is None
+    services.close()
