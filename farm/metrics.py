@@ -17,6 +17,13 @@ exporter says what only the whole farm knows, for dashboards, alerts and autosca
                                     (``farm dead-letters list``; ``farm.dispatch.dead_letters``)
 ``farm_reconciler_lease_expiry_timestamp_seconds``  when the reconciler's lease runs out (a stale
                                     value: no reconciler runs)
+``farm_training_jobs{model,state}``  LoRA training jobs by state (queued, running, succeeded, failed,
+                                    canceled)
+``farm_training_step{job,model}``   each running training job's recorded step (``job`` = its name; the
+                                    row's value, renewed by its worker's heartbeat about every second)
+``farm_training_total_steps{job,model}``  its total steps
+``farm_training_loss{job,model}``   its last recorded loss
+``farm_training_eta_seconds{job,model}``  its worker's estimate of the seconds left (when known)
 ``farm_up{component}``              1 when the database / broker answered this scrape, else 0
 ==================================  ======================================================================
 
@@ -36,7 +43,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import func, select
 
-from farm.db.tables import CampaignRecord, CampaignState, ImageRecord, LeaseRecord, Status, utcnow
+from farm.db.tables import (
+    CampaignRecord, CampaignState, ImageRecord, LeaseRecord, Status, TrainingJobRecord, TrainingState, utcnow,
+)
 from farm.failures import summarize
 from farm.services import Services
 
@@ -146,7 +155,40 @@ class FarmCollector(Collector):
             )
             if expiry is not None:
                 lease.add_metric([], expiry.timestamp())
-        return [images, failed, oldest, campaign_images, campaign_eta, lease]
+        return [images, failed, oldest, campaign_images, campaign_eta, lease, *self._training_metrics(models)]
+
+    def _training_metrics(self, models: list[str]) -> list[GaugeMetricFamily]:
+        jobs = GaugeMetricFamily("farm_training_jobs", "LoRA training jobs by model and state", labels=["model", "state"])
+        step = GaugeMetricFamily("farm_training_step", "Running training jobs' recorded step", labels=["job", "model"])
+        total = GaugeMetricFamily("farm_training_total_steps", "Running training jobs' total steps", labels=["job", "model"])
+        loss = GaugeMetricFamily("farm_training_loss", "Running training jobs' last recorded loss", labels=["job", "model"])
+        eta = GaugeMetricFamily("farm_training_eta_seconds", "Running training jobs' estimated seconds left", labels=["job", "model"])
+        with self.services.sessions() as session:
+            found = {
+                (model, state): count
+                for model, state, count in session.execute(
+                    select(TrainingJobRecord.model, TrainingJobRecord.state, func.count())
+                    .group_by(TrainingJobRecord.model, TrainingJobRecord.state)
+                ).all()
+            }
+            running = session.execute(
+                select(TrainingJobRecord.name, TrainingJobRecord.model, TrainingJobRecord.step,
+                       TrainingJobRecord.total_steps, TrainingJobRecord.loss, TrainingJobRecord.info)
+                .where(TrainingJobRecord.state == TrainingState.running.value)
+                .order_by(TrainingJobRecord.name)
+            ).all()
+        for model in sorted(set(models) | {model for model, _ in found}):
+            for state in TrainingState:
+                jobs.add_metric([model, state.value], found.get((model, state.value), 0))
+        for name, model, at, steps, last, info in running:
+            step.add_metric([name, model], at or 0)
+            total.add_metric([name, model], steps)
+            if last is not None:
+                loss.add_metric([name, model], last)
+            remaining = (info or {}).get("eta_seconds")
+            if isinstance(remaining, (int, float)):
+                eta.add_metric([name, model], remaining)
+        return [jobs, step, total, loss, eta]
 
     # -- the broker -------------------------------------------------------------------------------
     def _broker_metrics(self) -> Iterable[GaugeMetricFamily]:

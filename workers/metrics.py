@@ -19,6 +19,12 @@ serves them all on ``FARM_WORKER_METRICS_PORT`` (``farm.supervisor``), labelled 
 ``farm_spool_bytes{worker}``                  rendered PNGs waiting for storage in the local spool
 ``farm_spool_limit_bytes{worker}``            the spool's bound (``FARM_SPOOL_BYTES``)
 ``farm_worker_ready{worker}``                 1 once the process has its model loaded (``/readyz``)
+``farm_worker_training_step{worker,job,model}``  the running training job's step (``job`` = its name)
+``farm_worker_training_total_steps{worker,job,model}``  its total steps
+``farm_worker_training_loss{worker,job,model}``  its last step's loss
+``farm_worker_training_eta_seconds{worker,job,model}``  its estimated seconds to finish (0 once ended)
+``farm_worker_training_running{worker,job,model}``  1 while this process trains the job, 0 once it ended
+                                              or stopped (canceled / taken over)
 ==========================================  ==============================================================
 
 Nothing here may fail a task: every update is guarded.
@@ -46,6 +52,13 @@ GPU_UTILIZATION = Gauge("farm_worker_gpu_utilization_percent", "GPU utilisation 
 PENDING = Gauge("farm_worker_uploads_pending", "Chunks handed off, not finished", ["worker"], multiprocess_mode="liveall")
 READY = Gauge("farm_worker_ready", "1 once the process has its model loaded", ["worker"], multiprocess_mode="liveall")
 SPOOL_LIMIT = Gauge("farm_spool_limit_bytes", "The spool's bound (FARM_SPOOL_BYTES)", ["worker"], multiprocess_mode="liveall")
+_TRAINING = ["worker", "job", "model"]
+# liveall: one series per live process (a pid label), dropped when the supervisor marks it dead
+TRAINING_STEP = Gauge("farm_worker_training_step", "The running training job's step", _TRAINING, multiprocess_mode="liveall")
+TRAINING_TOTAL = Gauge("farm_worker_training_total_steps", "The running training job's total steps", _TRAINING, multiprocess_mode="liveall")
+TRAINING_LOSS = Gauge("farm_worker_training_loss", "The running training job's last loss", _TRAINING, multiprocess_mode="liveall")
+TRAINING_ETA = Gauge("farm_worker_training_eta_seconds", "The running training job's estimated seconds to finish", _TRAINING, multiprocess_mode="liveall")
+TRAINING_RUNNING = Gauge("farm_worker_training_running", "1 while this process trains the job", _TRAINING, multiprocess_mode="liveall")
 SPOOL = Gauge("farm_spool_bytes", "Bytes waiting for storage in the spool", ["worker"], multiprocess_mode="liveall")
 
 
@@ -111,6 +124,22 @@ class WorkerMetrics:
             SPOOL.labels(self.worker).set(spool_bytes)
             if spool_limit is not None:
                 SPOOL_LIMIT.labels(self.worker).set(spool_limit)
+
+        _guard(update)
+
+    def training(self, job: str, model: str, *, step: int, total: int, loss: float | None = None,
+                 eta: float | None = None, running: bool = True) -> None:
+        """The training job this process runs: its step, total, loss and ETA (``running=False`` once it
+        ended or stopped: ETA 0, the last step kept)."""
+        def update() -> None:
+            labels = (self.worker, job, model)
+            TRAINING_STEP.labels(*labels).set(step)
+            TRAINING_TOTAL.labels(*labels).set(total)
+            if loss is not None:
+                TRAINING_LOSS.labels(*labels).set(loss)
+            if eta is not None or not running:
+                TRAINING_ETA.labels(*labels).set(0 if not running else eta)
+            TRAINING_RUNNING.labels(*labels).set(1 if running else 0)
 
         _guard(update)
 

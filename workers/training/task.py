@@ -179,11 +179,19 @@ def _train(task: Task, ctx: WorkerContext, token: str, job) -> dict:
             keys.append(key)
         info["samples"][str(trainer.step)] = keys
 
+    metrics = ctx.metrics
+
+    def progress(running: bool = True) -> None:  # the worker's Prometheus gauges (workers.metrics)
+        metrics.training(job.name, job.model, step=trainer.step, total=total,
+                         loss=trainer.losses[-1] if trainer.losses else None, eta=eta(), running=running)
+
+    progress()
     try:
         while trainer.step < total:
             loss = trainer.train_step()
             step = trainer.step
             _after_step(step)
+            progress()
             now = time.perf_counter()
             if sample_every and step % sample_every == 0 and step < total:
                 sample()
@@ -214,10 +222,15 @@ def _train(task: Task, ctx: WorkerContext, token: str, job) -> dict:
                 except Exception:  # noqa: BLE001
                     log.debug("progress event not sent", exc_info=True)
     except _Stopped:
+        progress(running=False)
         log.warning("training job %s stopped at step %d: canceled or taken over", job.name, trainer.step)
         return {"job": job.id, "stopped": trainer.step}
+    except Exception:
+        progress(running=False)
+        raise
 
     # the end: samples, the LoRA in storage, registered under the job's name
+    progress(running=False)
     sample()
     data = trainer.lora_bytes()
     lora_key = f"{prefix}/{job.name}.safetensors"
