@@ -99,10 +99,11 @@ step gpu "$OUT/gpu.log" 170 "$PY" bench/gpu.py "${DEV[@]}"
 
 # -- 3. the full-size model once, then cross-job batching through real workers -----------------------------
 if [ "$DRY" != 1 ]; then
-  step build-model "$OUT/cross_job.log" 90 "$PY" bench/cross_job.py --full-size --build-only "${MODEL_ARGS[@]}"
+  step build-model "$OUT/cross_job.log" 90 "$PY" bench/cross_job.py --full-size --build-only --device cuda "${MODEL_ARGS[@]}"
 fi
+# --broker-poll: kombu's filesystem broker otherwise hands a worker ~1 message/s (see bench/cross_job.py)
 step cross_job "$OUT/cross_job.log" 220 "$PY" bench/cross_job.py --embedded "${XJ[@]}" "${MODEL_ARGS[@]}" --log-dir "$OUT" \
-  --ready-timeout 150 --timeout 150
+  --broker-poll 0.05 --ready-timeout 150 --timeout 150
 
 # -- 4. bench/gpu.py --compile (last: compiling may take minutes) -----------------------------------------
 step gpu-compile "$OUT/gpu_compile.log" 400 "$PY" bench/gpu.py "${DEV[@]}" "${COMPILE[@]}"
