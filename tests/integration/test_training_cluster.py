@@ -1,0 +1,122 @@
+"""A LoRA training job survives its worker's death on real servers (PostgreSQL + Redis + moto S3, real
+`farm worker --cpu` processes, the shipped shapes model): submitted with `farm train lora`, its worker's
+whole process group SIGKILLed after a checkpoint, another worker started — its supervisor's reconciler
+(step 5) takes the expired lease back and publishes the job, which resumes from the checkpoint (not from
+step 0), ends `succeeded`, registers the LoRA, and a render naming it succeeds. Nobody types
+`farm train recover`.
+
+Prints one JSON line of timings (docs/training.md quotes them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from evaluation import shape_data as S
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+STEPS, EVERY = 60, 10
+
+
+def make_folder(root: Path, n: int = 8) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rng, combos, rows = random.Random(0), S.all_combos(), []
+    for i in range(n):
+        combo = combos[rng.randrange(len(combos))]
+        S.draw(S.random_scene(rng, combo)).save(root / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": S.caption(*combo)})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def status(env, name: str) -> dict:
+    shown = env.cli("train", "status", name)
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout.strip().splitlines()[-1])
+
+
+def row(env, name: str):
+    from sqlalchemy import select
+
+    from farm.db.tables import TrainingJobRecord
+
+    with env.farm() as farm, farm.sessions() as session:
+        return session.scalar(select(TrainingJobRecord).where(TrainingJobRecord.name == name))
+
+
+def test_a_killed_training_worker_costs_only_the_steps_since_its_checkpoint(make_farm_env, s3_env, tmp_path) -> None:
+    env = make_farm_env(
+        "servers",
+        FARM_MODELS="shapes=builtin:shapes",
+        FARM_DEFAULT_MODEL="shapes",
+        FARM_CLAIM_LEASE_SECONDS="10",
+        FARM_RECONCILE_INTERVAL="1",
+        FARM_RECONCILE_GRACE_SECONDS="2",
+    )
+    times: dict[str, float] = {}
+    began = time.monotonic()
+    first = env.start_worker("t1")
+    times["worker_ready_s"] = round(time.monotonic() - began, 1)
+
+    folder = make_folder(tmp_path / "data")
+    submitted = env.cli("train", "lora", "--name", "healed", "--data", str(folder), "--model", "shapes",
+                        "--steps", str(STEPS), "--checkpoint-every", str(EVERY), "--batch-size", "4", "--rank", "2",
+                        "--resolution", "64", "--lr", "1e-3", "--seed", "5")
+    assert submitted.returncode == 0, submitted.stderr
+    assert json.loads(submitted.stdout.strip().splitlines()[-1])["state"] == "queued"
+    submit_at = time.monotonic()
+
+    # wait for a checkpoint, then kill the worker holding the job: its render child and its supervisor
+    deadline = time.monotonic() + 240
+    while True:
+        job = row(env, "healed")
+        if job.checkpoint_step and job.checkpoint_step >= EVERY:
+            break
+        assert job.state in ("queued", "running") and time.monotonic() < deadline, (job.state, job.error, env.worker_log("t1")[-3000:])
+        time.sleep(0.05)
+    assert job.worker.startswith("t1@test/"), job.worker
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    killed_at = time.monotonic()
+    times["first_checkpoint_s"] = round(killed_at - submit_at, 1)
+    after_kill = row(env, "healed")
+    checkpoint = after_kill.checkpoint_step
+    assert after_kill.state == "running" and 0 < checkpoint < STEPS, (after_kill.state, checkpoint)
+    times["killed_at_step"], times["checkpoint_step"] = after_kill.step, checkpoint
+
+    # another worker: its supervisor's reconciler takes the expired lease back and publishes the job
+    env.start_worker("t2")
+    times["second_worker_ready_s"] = round(time.monotonic() - killed_at, 1)
+    deadline = time.monotonic() + 300
+    while True:
+        found = status(env, "healed")
+        if found["state"] not in ("queued", "running"):
+            break
+        assert time.monotonic() < deadline, (found, env.worker_log("t2")[-4000:])
+        time.sleep(0.5)
+    times["healed_s"] = round(time.monotonic() - killed_at, 1)
+    assert found["state"] == "succeeded", (found, env.worker_log("t2")[-4000:])
+    assert found["step"] == STEPS and found["error"] is None
+    assert found["worker"].startswith("t2@test/"), found["worker"]
+    assert found["attempts"] == 2, found
+    assert found["lora"]["name"] == "healed" and found["lora"]["base"] == "shapes"
+    done = row(env, "healed")
+    assert done.info["resumed_from"] == [checkpoint], done.info  # resumed at the checkpoint, not at 0
+    assert f"resumes at step {checkpoint}" in env.worker_log("t2")
+
+    # the LoRA is registered and a render naming it succeeds
+    listed = env.cli("lora", "list")
+    assert listed.returncode == 0 and "healed" in listed.stdout, listed.stdout + listed.stderr
+    with env.farm() as farm:
+        render = farm.submit("a red circle on a blue background", model="shapes", steps=4, seed=1,
+                             loras=[{"name": "healed", "weight": 1.0}])
+        assert render.wait(timeout=180).succeeded, [r.error for r in render.results()]
+    times["total_s"] = round(time.monotonic() - began, 1)
+    print(json.dumps({"training_cluster": times, "train_seconds_second_attempt": done.info.get("train_seconds")}))
