@@ -101,6 +101,10 @@ step gpu "$OUT/gpu.log" 170 "$PY" bench/gpu.py "${DEV[@]}"
 if [ "$DRY" != 1 ]; then
   step build-model "$OUT/cross_job.log" 90 "$PY" bench/cross_job.py --full-size --build-only --device cuda "${MODEL_ARGS[@]}"
 fi
+# --gpus from torch (not nvidia-smi, which `--gpus all` would need): one worker process per GPU
+if [ "$DRY" != 1 ]; then
+  XJ+=(--gpus "$("$PY" -c 'import torch; print(",".join(map(str, range(torch.cuda.device_count()))) or "0")')")
+fi
 # --broker-poll: kombu's filesystem broker otherwise hands a worker ~1 message/s (see bench/cross_job.py)
 step cross_job "$OUT/cross_job.log" 220 "$PY" bench/cross_job.py --embedded "${XJ[@]}" "${MODEL_ARGS[@]}" --log-dir "$OUT" \
   --broker-poll 0.05 --ready-timeout 150 --timeout 150

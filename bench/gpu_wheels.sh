@@ -7,7 +7,7 @@
 # The machine (../shared/STACK-FACTS.md, "The lent GPU machine"; /work/.library/device/KINDS.md) has
 # Python 3.12, torch 2.11 + CUDA, transformers 5.17, huggingface_hub 1.33, accelerate, peft,
 # safetensors, tokenizers, pillow, numpy, scipy, prometheus-client, click, jinja2, markupsafe,
-# werkzeug, pyyaml, requests, urllib3, python-dateutil, packaging, filelock, fsspec, regex, tqdm,
+# werkzeug, pyyaml, requests, urllib3, python-dateutil, six, packaging, filelock, fsspec, regex, tqdm,
 # psutil, zipp; nothing can be fetched there. Everything below is what farm's worker, `farm db
 # upgrade`, bench/gpu.py (moto_server S3) and bench/cross_job.py --embedded import beyond that,
 # pinned to constraints.txt where it pins (else the versions installed with it), --no-deps: each
@@ -38,6 +38,9 @@ WHEELS=(
   boto3==1.44.5 botocore==1.44.5 s3transfer==0.19.3 jmespath==1.1.0
   moto==5.2.5 xmltodict==1.0.4 responses==0.26.3 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12
   flask==3.1.3 flask-cors==6.0.5 itsdangerous==2.2.0 blinker==1.9.0
+  # there, but of unknown versions: the ones farm is tested with (celery needs click>=8.3.1 and
+  # python-dateutil==2.9.0.post0, flask werkzeug>=3.1)
+  click==8.5.1 werkzeug==3.1.9 python-dateutil==2.9.0.post0 six==1.17.0
 )
 
 mkdir -p "$DEST"
