@@ -106,6 +106,7 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     from farm.api import keys
+    from farm.api.config import ApiSettings
     from farm.client import Farm
     from farm.settings import Settings
 
@@ -146,7 +147,8 @@ def main() -> None:
         port = _port()
         log = open(tmp / "api.log", "wb")
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "farm.api.serve:app", "--factory", "--port", str(port), "--log-level", "warning"],
+            [sys.executable, "-m", "uvicorn", "farm.api.serve:app", "--factory", "--port", str(port), "--log-level", os.environ.get("BENCH_API_LOG_LEVEL", "warning"),
+             "--timeout-keep-alive", str(int(ApiSettings().keep_alive))]  # as `farm api` runs it,
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60

@@ -16,6 +16,10 @@ class ApiSettings(BaseSettings):
     #: a synchronous /sdapi/v1/txt2img waits this long for its images, then answers 504 with the
     #: job id (the images still render: GET /v1/jobs/{id})
     sync_timeout: float = Field(default=600.0, gt=0)
+    #: seconds an idle keep-alive connection stays open (uvicorn's default is 5): longer than the
+    #: idle timeout of clients' connection pools and proxies in front (60 s is common), so a client
+    #: never reuses a connection the server is closing ("Server disconnected without sending a response")
+    keep_alive: float = Field(default=75.0, gt=0)
     #: how often the API polls the database for finished work (one query for all waiting requests)
     poll_interval: float = Field(default=0.2, gt=0)
     #: request bodies larger than this are refused with 413 (base64 init image + mask fit easily)

@@ -46,10 +46,10 @@ def api(host, port, no_auth, workers, log_level):
     load_settings()  # a bad FARM_* value: one clear line now, not in every worker
     if no_auth:
         os.environ["FARM_API_AUTH"] = "false"  # the uvicorn workers build their app from the environment
-    ApiSettings()
+    api_settings = ApiSettings()
     click.echo(f"farm api on http://{host}:{port} ({'no keys, loopback only' if no_auth else 'API keys required'})", err=True)
     uvicorn.run("farm.api.serve:app", factory=True, host=host, port=port, workers=workers, log_level=log_level,
-                proxy_headers=False, server_header=False)
+                proxy_headers=False, server_header=False, timeout_keep_alive=int(api_settings.keep_alive))
 
 
 @click.group("api-key")

@@ -351,3 +351,17 @@ def test_job_state_counts_filtered_images_as_done(statuses: list[str], state: st
     from farm.api.jobs import _state
 
     assert _state([SimpleNamespace(status=status) for status in statuses]) == state
+
+
+def test_farm_api_keeps_idle_connections_longer_than_client_pools(farm_cli, monkeypatch) -> None:
+    """uvicorn's 5 s keep-alive made clients reuse connections the server was closing (bench/api_load.py
+    lost requests with "Server disconnected without sending a response"); `farm api` serves with
+    FARM_API_KEEP_ALIVE (75 s)."""
+    import uvicorn
+
+    calls: list[dict] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: calls.append(kwargs))
+    assert farm_cli("api", "--port", "7999").exit_code == 0
+    assert calls[-1]["timeout_keep_alive"] == 75 and calls[-1]["host"] == "127.0.0.1"
+    assert farm_cli("api", FARM_API_KEEP_ALIVE="20").exit_code == 0
+    assert calls[-1]["timeout_keep_alive"] == 20
