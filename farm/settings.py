@@ -284,8 +284,9 @@ class Settings(BaseSettings):
     lora_max_loaded: int = Field(default=8, ge=1)
     #: A LoRA batch goes to a warm worker's own queue while fewer than this many tasks wait there.
     affinity_max_backlog: int = Field(default=2, ge=1)
-    #: Seconds a worker's advert of its loaded adapters lives in Redis without renewal.
-    advert_ttl: int = Field(default=120, ge=5)
+    #: Seconds a worker's advert of its loaded adapters lives in Redis without renewal (each worker
+    #: process renews it every third of this while it lives, so a killed worker's lapses this fast).
+    advert_ttl: int = Field(default=30, ge=5)
 
     # -- storage --------------------------------------------------------------------------------
     #: S3 endpoint for MinIO/R2/moto; boto3 also honours ``AWS_ENDPOINT_URL_S3``.

@@ -35,7 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 
 from farm.db.tables import (
     CampaignRecord, ImageRecord, LoraRecord, Status, TrainingJobRecord, TrainingState, utcnow,
@@ -466,6 +466,8 @@ def claim(
                 state=TrainingState.running.value, claim_token=token, worker=worker,
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
                 attempts=TrainingJobRecord.attempts + 1, publish_after=None,
+                # a new attempt starts from the last checkpoint: status shows that, not the dead attempt's step
+                step=func.coalesce(TrainingJobRecord.checkpoint_step, 0),
             )
         )
         job = session.get(TrainingJobRecord, job_id)

@@ -6,8 +6,9 @@ made lazily, in the pool process (``after_fork``), never before the fork.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from farm import lifecycle
@@ -37,6 +38,9 @@ class WorkerContext:
     _batch_plan: Any = None
     _shutdown: Any = None
     _metrics: Any = None
+    #: the thread renewing this worker's advert, and what stops it (``close``)
+    _advert_keeper: Any = None
+    _advert_stop: Any = field(default_factory=threading.Event)
     #: ``(count, error)`` of the images the running task failed (``workers.tasks``)
     task_failures: list = None  # type: ignore[assignment]
 
@@ -290,6 +294,7 @@ class WorkerContext:
         self.finisher.drain_spool(timeout=60)
         self.metrics.ready()
         self.advertise()
+        self._keep_advertising()
 
     def warm_up(self) -> None:
         """Compile the warm-up sizes (with ``render_compile``) and measure their best batch sizes
@@ -325,8 +330,24 @@ class WorkerContext:
 
     def close(self, timeout: float | None = None) -> None:
         """At process exit: finish the uploads handed off (their images are recorded, not redone)."""
+        self._advert_stop.set()
         if self._finisher is not None:
             self._finisher.close(timeout=timeout)
+
+    def _keep_advertising(self) -> None:
+        """Renew the advert every third of ``advert_ttl`` while this process lives (a daemon thread):
+        a killed worker's advert then lapses within ``advert_ttl``, so LoRA jobs stop being routed to
+        its own queue (and the reconciler moves what is there back to the shared queue)."""
+        if self._advert_keeper is not None:
+            return
+        period = max(1.0, self.settings.advert_ttl / 3)
+
+        def renew() -> None:
+            while not self._advert_stop.wait(period):
+                self.advertise()
+
+        self._advert_keeper = threading.Thread(target=renew, name="farm-advert", daemon=True)
+        self._advert_keeper.start()
 
     def advertise(self) -> None:
         """Tell submitters which adapters this worker holds (affinity routing); never fails a task."""

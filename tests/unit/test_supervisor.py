@@ -75,3 +75,21 @@ def test_a_process_that_ran_fine_restarts_at_once(fake_world, farm_settings) -> 
     starts = _starts(fake_world, "steady@h")
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     assert len(starts) >= 4 and all(gap <= supervisor.STABLE_SECONDS + 102 for gap in gaps), gaps
+
+
+def test_a_worker_renews_its_advert_while_it_lives_and_stops_at_close(farm_settings, monkeypatch) -> None:
+    """A killed worker's advert lapses within FARM_ADVERT_TTL because only a live process renews it."""
+    import threading
+
+    from workers.context import WorkerContext
+
+    renewed = threading.Event()
+    calls: list[float] = []
+    ctx = WorkerContext(settings=farm_settings.model_copy(update={"advert_ttl": 5}), model_name="tiny", device="cpu")
+    monkeypatch.setattr(ctx, "advertise", lambda: (calls.append(1), renewed.set()))
+    ctx._keep_advertising()
+    ctx._keep_advertising()  # one keeper per process
+    assert renewed.wait(10), "the advert was not renewed within advert_ttl"
+    ctx.close()
+    ctx._advert_keeper.join(5)
+    assert not ctx._advert_keeper.is_alive()

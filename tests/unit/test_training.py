@@ -297,3 +297,16 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_like_an_uninter
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst <= 1e-6, worst
     assert any(float(a[k].abs().max()) > 0 for k in a if ".lora_B." in k)  # it trained (B starts at zero)
+
+
+def test_a_new_attempt_reports_the_checkpoint_step_not_the_dead_attempts(embedded_farm):
+    """Claimed again after its worker died at step 16 with a checkpoint at 10: status says 10 at once."""
+    sessions = embedded_farm.sessions
+    with sessions.begin() as session:
+        session.add(TrainingJobRecord(
+            id="j", name="j", model="tiny", data="x", params={}, total_steps=60, state="running", step=16,
+            checkpoint_step=10, claim_token="dead", lease_expires_at=utcnow() - timedelta(seconds=5), attempts=1,
+        ))
+    token, job = training.claim(sessions, "j", worker="w2", lease_seconds=30, max_attempts=5)
+    assert token is not None and job.step == 10 and job.attempts == 2
+    assert training.status(embedded_farm.services, "j")["step"] == 10
