@@ -18,7 +18,7 @@ from PIL import Image
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from farm import db, lifecycle
+from farm import cross_job, db, lifecycle
 from farm.db.tables import CampaignRecord, ImageRecord, utcnow
 from farm.settings import Settings
 from farm.storage.keys import image_key
@@ -288,7 +288,7 @@ def test_a_large_campaign_is_looked_through_in_a_bounded_window_and_nothing_lowe
     """Each campaign is read through at most TOP_UP_CAMPAIGN_SCAN queued rows (a claim's cost stays
     bounded); a campaign whose window may hide more of the key ends the search, so lower-priority
     work never goes ahead of higher-priority work it did not look at."""
-    monkeypatch.setattr(lifecycle, "TOP_UP_CAMPAIGN_SCAN", 3)
+    monkeypatch.setattr(cross_job, "TOP_UP_CAMPAIGN_SCAN", 3)
     [own] = submit()
     urgent_other_key = submit(3, campaign_priority=1, age=100, steps=5)
     low_same_key = submit(3, campaign_priority=8, age=100)
@@ -296,6 +296,6 @@ def test_a_large_campaign_is_looked_through_in_a_bounded_window_and_nothing_lowe
     assert got.topped_up == []
     assert {row.status for row in _rows(sessions, urgent_other_key + low_same_key).values()} == {"queued"}
 
-    monkeypatch.setattr(lifecycle, "TOP_UP_CAMPAIGN_SCAN", 100)  # the whole campaign seen: none of the key
+    monkeypatch.setattr(cross_job, "TOP_UP_CAMPAIGN_SCAN", 100)  # the whole campaign seen: none of the key
     [own] = submit()
     assert _claim(sessions, [own]).topped_up == low_same_key
