@@ -58,11 +58,14 @@ def test_sigkilled_worker_images_are_rendered_elsewhere_and_recorded_once(farm_e
         # the object the record points to is this image's
         _, spec = read_png_metadata(farm.storage.get(result.storage_key))
         assert spec["image_id"] == result.id
-    # exactly one object per image under the submission's prefix
+    # exactly one object per image under the submission's folders (one per key shard: images/<id[:2]>/<submission>/)
     storage = farm.storage
-    prefix = storage.object_key(next(iter(results.values())).storage_key).rsplit("/", 1)[0] + "/"
-    listed = storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=prefix)
-    assert listed["KeyCount"] == 8
+    prefixes = {storage.object_key(r.storage_key).rsplit("/", 1)[0] + "/" for r in results.values()}
+    stored = [
+        item["Key"] for prefix in prefixes
+        for item in storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=prefix).get("Contents", [])
+    ]
+    assert sorted(stored) == sorted(storage.object_key(r.storage_key) for r in results.values())
 
 
 def test_flower_sees_named_tasks_moving_through_progress(farm_env, s3_env):

@@ -104,7 +104,7 @@ def poison_messages(queue: str) -> list[tuple[str, str | None, str]]:
     add("body-shape: body is an object, not Celery protocol 2's [args, kwargs, embed]", b'{"image_ids": ["a"]}')
     add("body-shape: body is a list of 2, not Celery protocol 2's [args, kwargs, embed]", b"[[], {}]")
     unknown = ids()
-    add("unknown-task: unknown task 'farm.upscale' (this worker runs farm.render)", render_body(good_ids), unknown,
+    add("unknown-task: unknown task 'farm.upscale' (this worker runs farm.render, farm.train_lora)", render_body(good_ids), unknown,
         headers=task_headers(unknown, task="farm.upscale"))
     add("arguments: image_ids[0] is a number, not a string", render_body([1, 2, 3]))
     add("arguments: image_ids has 500 ids, more than FARM_MAX_BATCH_SIZE=8", render_body([str(n) for n in range(500)]))
