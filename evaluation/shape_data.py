@@ -4,13 +4,16 @@
   (every word a caption uses), :func:`caption` and :func:`parse_caption`;
 * the held-out split :func:`split` of :func:`all_combos` (colour, shape, background triples);
 * ground truth: :class:`Scene`, :func:`random_scene`, :func:`draw` (anti-aliased RGB image) and
-  :func:`shape_mask` (the ideal shape filling a box, what the analysis matches against).
+  :func:`shape_mask` (the ideal shape filling a box, what the analysis matches against);
+* :func:`write_imagefolder`: a small captioned dataset of drawings (``metadata.jsonl`` + PNGs), as
+  ``farm train lora --data`` takes it.
 
 Deterministic from a seed; numpy and PIL only. Re-exported by ``evaluation.checks``.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 
@@ -151,3 +154,19 @@ def shape_mask(shape: str, box: tuple[int, int, int, int], size: tuple[int, int]
     img = Image.new("L", size, 0)
     _draw_shape(ImageDraw.Draw(img), shape, box, 255)
     return np.asarray(img) > 127
+
+
+def write_imagefolder(root, n: int = 8, *, seed: int = 0, caption_column: str = "text"):
+    """An imagefolder of ``n`` drawings of random (colour, shape, background) triples with their
+    captions: ``<root>/<i>.png`` and ``<root>/metadata.jsonl`` (``file_name``, ``caption_column``)."""
+    from pathlib import Path
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng, combos, rows = random.Random(seed), all_combos(), []
+    for i in range(n):
+        combo = combos[rng.randrange(len(combos))]
+        draw(random_scene(rng, combo)).save(root / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", caption_column: caption(*combo)})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root

@@ -341,3 +341,15 @@ def scrape_exporter():
 def scrape_port():
     """``scrape_port(port)``: the :class:`Scrape` of ``http://127.0.0.1:<port>/metrics``."""
     return Scrape.of
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test: on a shared 2-core machine two threads ran a training step
+    ~10× slower than one (oversubscription; docs/shapes-model.md)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

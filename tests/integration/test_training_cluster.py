@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,15 +25,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 STEPS, EVERY = 60, 10
 
 
-def make_folder(root: Path, n: int = 8) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    rng, combos, rows = random.Random(0), S.all_combos(), []
-    for i in range(n):
-        combo = combos[rng.randrange(len(combos))]
-        S.draw(S.random_scene(rng, combo)).save(root / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": S.caption(*combo)})
-    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
 
 
 def _free_port() -> int:
@@ -95,7 +84,7 @@ def test_a_killed_training_worker_costs_only_the_steps_since_its_checkpoint(
     first = env.start_worker("t1")
     times["worker_ready_s"] = round(time.monotonic() - began, 1)
 
-    folder = make_folder(tmp_path / "data")
+    folder = S.write_imagefolder(tmp_path / "data")
     submit_start = time.monotonic()
     submitted = env.cli("train", "lora", "--name", "healed", "--data", str(folder), "--model", "shapes",
                         "--steps", str(STEPS), "--checkpoint-every", str(EVERY), "--batch-size", "4", "--rank", "2",

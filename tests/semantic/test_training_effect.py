@@ -27,7 +27,7 @@ from evaluation.shape_data import COLOURS, caption, split
 from farm import training
 from farm.db.tables import CampaignRecord, ImageRecord
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 NEW = "purple"
 STEPS = 300
@@ -38,16 +38,6 @@ MIN_SHARE_GAIN = 0.06
 MIN_MOVED = 4
 #: probes read as purple (``evaluation.image_analysis.analyse``) with the LoRA (none without)
 MIN_PURPLE_RATE = 0.25
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def render_everything(farm, ctx, *where) -> None:

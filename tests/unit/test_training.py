@@ -6,7 +6,6 @@ claimed again once its lease expired ends where an uninterrupted run of the same
 from __future__ import annotations
 
 import json
-import random
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,29 +21,12 @@ from farm.errors import NotFound, ValidationError
 SHAPES_LORA = Path(__file__).resolve().parents[2] / "models" / "shapes" / "loras" / "green.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Torch on one thread: on a shared 2-core machine two threads run ~10x slower (docs/shapes-model.md)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_folder(root: Path, n: int = 8, *, seed: int = 0, caption_column: str = "text") -> Path:
     """An imagefolder of ``n`` shapes drawings with their captions."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    combos = S.all_combos()
-    rows = []
-    for i in range(n):
-        combo = combos[rng.randrange(len(combos))]
-        S.draw(S.random_scene(rng, combo)).save(root / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", caption_column: S.caption(*combo)})
-    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return S.write_imagefolder(root, n, seed=seed, caption_column=caption_column)
 
 
 def jobs(farm) -> int:

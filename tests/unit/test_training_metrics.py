@@ -4,16 +4,13 @@ jobs' step / total / loss / ETA from their rows)."""
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 
 from evaluation import shape_data as S
 from farm import training
@@ -73,15 +70,6 @@ class _FakeTask:
                                    producer_or_acquire=app.producer_or_acquire)
 
 
-def _folder(root: Path, n: int) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    rng, combos, rows = random.Random(0), S.all_combos(), []
-    for i in range(n):
-        combo = combos[rng.randrange(len(combos))]
-        S.draw(S.random_scene(rng, combo)).save(root / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": S.caption(*combo)})
-    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
 
 
 def test_the_training_task_sets_step_total_loss_and_eta_every_step(embedded_farm, farm_settings, tmp_path) -> None:
@@ -93,7 +81,7 @@ def test_the_training_task_sets_step_total_loss_and_eta_every_step(embedded_farm
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        job = training.submit(embedded_farm.services, name="gauged", data=str(_folder(tmp_path / "data", 2)),
+        job = training.submit(embedded_farm.services, name="gauged", data=str(S.write_imagefolder(tmp_path / "data", 2)),
                               model="shapes", steps=3, batch_size=2, rank=2, checkpoint_every=2, sample_every=0, seed=1)
         with embedded_farm.sessions.begin() as session:  # no samples: CPU time
             record = session.get(TrainingJobRecord, job.id)
