@@ -98,7 +98,9 @@ def test_flower_shows_failures_progress_and_workers(make_farm_env, artifacts) ->
         env.start_worker("flower")
         broken.wait(timeout=180)
         assert broken.status().counts["failed"] == 1
-        slow = farm.submit_many([{"prompt": "a slow green square", "steps": 150, "num_images": 6, "width": 64, "height": 64}])
+        # slow enough to be seen running (~30 s here: 6 images at 64² rendered in 5.7 s on a quiet box,
+        # done before the page looked; progress events come at most every 0.5 s)
+        slow = farm.submit_many([{"prompt": "a slow green square", "steps": 150, "num_images": 8, "width": 128, "height": 128}])
 
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
