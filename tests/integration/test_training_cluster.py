@@ -22,7 +22,7 @@ from evaluation import shape_data as S
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STEPS, EVERY = 60, 10
+STEPS, EVERY = 120, 10  # long enough that a quiet box is still training when the kill lands
 
 
 
@@ -101,6 +101,7 @@ def test_a_killed_training_worker_costs_only_the_steps_since_its_checkpoint(
         # a few steps past a checkpoint (the row's step is renewed every second): those are what the kill costs
         if job.checkpoint_step and job.checkpoint_step >= EVERY and job.step > job.checkpoint_step:
             break
+        assert job.state != "succeeded", "the job finished before the kill: make STEPS longer for this machine"
         assert job.state in ("queued", "running") and time.monotonic() < deadline, (job.state, job.error, env.worker_log("t1")[-3000:])
         time.sleep(0.05)
     assert job.worker.startswith("t1@test/"), job.worker
@@ -124,7 +125,8 @@ def test_a_killed_training_worker_costs_only_the_steps_since_its_checkpoint(
         if found["state"] not in ("queued", "running"):
             break
         # the row keeps the dead attempt's step until the new one's first heartbeat: wait until it is past it
-        if seen is None and found["state"] == "running" and found["step"] > after_kill.step:
+        # (and well before its end: a scrape that lands after the job finished would see it stopped)
+        if seen is None and found["state"] == "running" and after_kill.step < found["step"] < STEPS - 3 * EVERY:
             worker, farm_wide = scrape_port(port), scrape_exporter(env.farm().services)
             seen = {
                 "row_step": found["step"],
