@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -24,3 +24,15 @@ def farm_cli(farm_settings) -> Callable:
         return CliRunner().invoke(main, [str(arg) for arg in args], env={"FARM_DATA_DIR": str(farm_settings.data_dir), **env})
 
     return run
+
+
+@pytest.fixture
+def sessions(farm_settings) -> Iterator:
+    """Database sessions on ``farm_settings``' database (already at head): for tests of
+    ``farm.lifecycle`` and the claims, without a ``Farm``."""
+    from farm import db
+
+    engine = db.make_engine(farm_settings.database)
+    db.ensure_schema(engine, auto_upgrade=False)
+    yield db.make_sessionmaker(engine)
+    engine.dispose()

@@ -10,15 +10,14 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 from types import SimpleNamespace
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import pytest
 from PIL import Image
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
 
-from farm import cross_job, db, lifecycle
+from farm import cross_job, lifecycle
 from farm.db.tables import CampaignRecord, ImageRecord, utcnow
 from farm.settings import Settings
 from farm.storage.keys import image_key
@@ -31,12 +30,6 @@ def settings(farm_settings: Settings) -> Settings:
     return Settings(data_dir=farm_settings.data_dir, max_batch_size=8)
 
 
-@pytest.fixture
-def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    engine = db.make_engine(settings.database)
-    db.ensure_schema(engine, auto_upgrade=False)
-    yield db.make_sessionmaker(engine)
-    engine.dispose()
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from farm import db, lifecycle
+from farm import lifecycle
 from farm.db.tables import ImageRecord
 from farm.request.spec import check_request
 from farm.settings import Settings
@@ -28,12 +28,6 @@ def settings(farm_settings: Settings) -> Settings:
     return Settings(data_dir=farm_settings.data_dir, max_batch_size=8)
 
 
-@pytest.fixture
-def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    engine = db.make_engine(settings.database)
-    db.ensure_schema(engine, auto_upgrade=False)  # at head already
-    yield db.make_sessionmaker(engine)
-    engine.dispose()
 
 
 @pytest.fixture
